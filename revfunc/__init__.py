@@ -1,0 +1,32 @@
+"""revfunc: reversible residual networks as pure functions on torch.func.
+
+Core names are re-exported here; see ``revfunc.nn`` for the drop-in container modules,
+``revfunc.random`` for explicit randomness and ``revfunc.testing`` for property tests.
+"""
+
+from revfunc.coupling import coupling, coupling_inverse
+from revfunc.functional import pure, pure_blocks
+from revfunc.routing import layer_drop, route_args
+from revfunc.sequence import (
+    ReconstructionError,
+    reconstruction_error,
+    reversible_inverse,
+    reversible_sequence,
+    sequential_sequence,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "coupling",
+    "coupling_inverse",
+    "pure",
+    "pure_blocks",
+    "reversible_sequence",
+    "reversible_inverse",
+    "sequential_sequence",
+    "reconstruction_error",
+    "ReconstructionError",
+    "route_args",
+    "layer_drop",
+]

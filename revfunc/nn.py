@@ -1,0 +1,191 @@
+"""Drop-in ``nn.Module`` adapters for the classic reversible container API.
+
+Swap ``from reversible import ReversibleSequence, SequentialSequence`` for
+``from revfunc.nn import ReversibleSequence, SequentialSequence``: constructors, call
+signatures and ``state_dict`` keys (``blocks.N.f.net.*``, ``blocks.N.g.net.*``) are the
+classic ones; ``forward`` also takes ``generator=``. The modules hold ordinary
+submodules and parameters, and ``forward`` calls :func:`revfunc.reversible_sequence`
+with the live parameters, so optimizers, ``state_dict``, ``.to()`` and DDP see a normal
+module.
+
+Dims: ``*`` leading dims (batch, tokens), ``d`` the model width.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from revfunc import _checks
+from revfunc.functional import PureModule, module_params
+from revfunc.random import accepts_generator, call_branch, derive_seed, draw_base_seed
+from revfunc.routing import check_router, layer_drop, route_args
+from revfunc.sequence import reversible_inverse, reversible_sequence
+
+__all__ = ["ReversibleSequence", "SequentialSequence", "ReversibleBlock"]
+
+
+def _reject_stateful(where: str, module: nn.Module, prefix: str) -> None:
+    """Raise for submodules that update buffers in training forward (e.g. BatchNorm).
+
+    The backward recomputation would update their running statistics a second time.
+    """
+    for name, sub in module.named_modules(prefix=prefix):
+        if isinstance(sub, nn.modules.batchnorm._NormBase) and sub.track_running_stats:
+            raise ValueError(
+                f"{where}: submodule {name!r} ({type(sub).__name__}) updates its running statistics in "
+                "training forward, and the reversible backward re-runs forward, updating them twice. "
+                "Use LayerNorm/GroupNorm, or track_running_stats=False, or SequentialSequence."
+            )
+
+
+class _Branch(nn.Module):
+    """Holds one branch module as ``.net`` (the classic ``Deterministic`` key layout)."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return self.net(x, **kwargs)
+
+
+class ReversibleBlock(nn.Module):
+    """One coupling block ``(f, g)`` on a stream whose last dim holds both halves.
+
+    ``forward(x)`` splits ``x`` of shape ``(*, 2 * d)`` into ``(x1, x2)``, applies
+    ``y1 = x1 + f(x2); y2 = x2 + g(y1)`` with the memory-saving Function, and returns
+    ``cat([y1, y2], -1)``. ``inverse(y)`` undoes it.
+
+    Shapes: (*, 2 * d) -> (*, 2 * d).
+    """
+
+    def __init__(self, f: nn.Module, g: nn.Module):
+        super().__init__()
+        self.f = _Branch(f)
+        self.g = _Branch(g)
+        self._pure = (PureModule(f), PureModule(g))
+
+    def pure(self) -> Tuple[Tuple[PureModule, PureModule], Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]]:
+        """``((f_fn, g_fn), (f_params, g_params))`` with the live parameters."""
+        return self._pure, (module_params(self.f.net), module_params(self.g.net))
+
+    def _split(self, where: str, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(_checks.msg(where, "x", "a torch.Tensor", _checks.describe(x)))
+        if x.dim() == 0 or x.shape[-1] % 2:
+            raise ValueError(f"{where}: x needs an even last dim to split into (x1, x2); "
+                             f"got x.shape={tuple(x.shape)}.")
+        x1, x2 = x.chunk(2, dim=-1)
+        return x1, x2
+
+    def forward(self, x: torch.Tensor, f_args: Optional[Mapping[str, Any]] = None,
+                g_args: Optional[Mapping[str, Any]] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        x1, x2 = self._split("revfunc.nn.ReversibleBlock", x)
+        fns, params = self.pure()
+        y1, y2 = reversible_sequence([fns], [params], x1, x2, kwargs=[(f_args or {}, g_args or {})],
+                                     generator=generator)
+        return torch.cat([y1, y2], dim=-1)
+
+    def inverse(self, y: torch.Tensor, f_args: Optional[Mapping[str, Any]] = None,
+                g_args: Optional[Mapping[str, Any]] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """``x`` with ``self(x) == y`` (give ``generator`` in the state ``forward`` got it)."""
+        y1, y2 = self._split("revfunc.nn.ReversibleBlock.inverse", y)
+        fns, params = self.pure()
+        x1, x2 = reversible_inverse([fns], [params], y1, y2, kwargs=[(f_args or {}, g_args or {})],
+                                    generator=generator)
+        return torch.cat([x1, x2], dim=-1)
+
+
+def _kept_layers(module: nn.Module, depth: int, generator: Optional[torch.Generator]) -> List[int]:
+    if module.training and module.layer_dropout > 0:
+        return layer_drop(depth, module.layer_dropout, generator)
+    return list(range(depth))
+
+
+class ReversibleSequence(nn.Module):
+    """Drop-in for the classic ``ReversibleSequence``, with activation memory O(1) in depth.
+
+    Args:
+        blocks: ``nn.ModuleList`` of ``(f, g)`` module pairs; each maps ``(*, d)`` to ``(*, d)``.
+        args_route: ``{name: ((to_f, to_g),) * depth}`` routing call keywords to branches.
+        layer_dropout: probability of dropping each block in training (never all).
+
+    ``forward(x, generator=None, **kwargs)`` runs the stack on ``(x, x)`` (the classic
+    ``cat([x, x], -1)``) and returns ``y1 + y2``. ``generator`` drives layer dropout and
+    every random op in the blocks (replayed exactly in backward); ``None`` draws one seed
+    from the global RNG per call.
+
+    Shapes: (*, d) -> (*, d).
+
+    Raises:
+        ValueError: at construction, for a route whose length is not the depth or for
+            submodules that update running statistics (BatchNorm); at call, for an
+            unrouted keyword.
+    """
+
+    def __init__(self, blocks: Sequence[Any], args_route: Optional[Mapping[str, Any]] = None,
+                 layer_dropout: float = 0.0):
+        super().__init__()
+        where = "revfunc.nn.ReversibleSequence"
+        self.args_route = dict(args_route or {})
+        check_router(where, self.args_route, len(blocks))
+        self.layer_dropout = layer_dropout
+        self.blocks = nn.ModuleList([ReversibleBlock(f=f, g=g) for f, g in blocks])
+        _reject_stateful(where, self.blocks, "blocks")
+
+    def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None, **kwargs: Any) -> torch.Tensor:
+        routed = route_args(self.args_route, kwargs, len(self.blocks))
+        keep = _kept_layers(self, len(self.blocks), generator)
+        fns, params = zip(*(self.blocks[i].pure() for i in keep))
+        y1, y2 = reversible_sequence(list(fns), list(params), x, x, kwargs=[routed[i] for i in keep],
+                                     generator=generator)
+        return y1 + y2
+
+
+class _LiveModule:
+    """A module called with its own live parameters, in branch-function form."""
+
+    __slots__ = ("module", "accepts_generator")
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+        self.accepts_generator = accepts_generator(module.forward)
+
+    def __call__(self, _params: Any, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        return self.module(x, **kwargs)
+
+
+class SequentialSequence(nn.Module):
+    """Drop-in for the classic ``SequentialSequence``: ``x = x + f(x); x = x + g(x)``.
+
+    Plain autograd (stores every activation). ``args_route`` and ``layer_dropout`` as in
+    :class:`ReversibleSequence`. With ``generator``, each branch runs with its own child
+    seed (see :mod:`revfunc.random`); with ``None`` it uses the global RNG as is, like
+    the classic class.
+
+    Shapes: (*, d) -> (*, d).
+    """
+
+    def __init__(self, layers: Sequence[Any], args_route: Optional[Mapping[str, Any]] = None,
+                 layer_dropout: float = 0.0):
+        super().__init__()
+        self.args_route = dict(args_route or {})
+        check_router("revfunc.nn.SequentialSequence", self.args_route, len(layers))
+        self.layers = layers if isinstance(layers, nn.Module) else nn.ModuleList(nn.ModuleList(p) for p in layers)
+        self.layer_dropout = layer_dropout
+
+    def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None, **kwargs: Any) -> torch.Tensor:
+        routed = route_args(self.args_route, kwargs, len(self.layers))
+        keep = _kept_layers(self, len(self.layers), generator)
+        base = None if generator is None else draw_base_seed(generator)
+        for n, i in enumerate(keep):
+            f, g = self.layers[i]
+            f_kwargs, g_kwargs = routed[i]
+            f_seed = None if base is None else derive_seed(base, n, 0)
+            g_seed = None if base is None else derive_seed(base, n, 1)
+            x = x + call_branch(_LiveModule(f), None, x, f_kwargs, f_seed)
+            x = x + call_branch(_LiveModule(g), None, x, g_kwargs, g_seed)
+        return x

@@ -1,0 +1,329 @@
+"""Reversible stacks of coupling blocks: memory-saving forward, inverse, and reference.
+
+Dims: ``*`` any leading dims (batch, tokens, ...), ``d`` the width of one half.
+A stack applies blocks ``(f_i, g_i)``, ``i = 0..L-1``, in order:
+``x1 <- x1 + f_i(x2); x2 <- x2 + g_i(x1)``.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from revfunc import _checks
+from revfunc._function import Plan, bind, function_for
+from revfunc._types import BlockKwargs, BlockParams, Blocks
+from revfunc.coupling import couple, uncouple
+from revfunc.random import derive_seed, draw_base_seed
+
+__all__ = [
+    "reversible_sequence",
+    "reversible_inverse",
+    "sequential_sequence",
+    "reconstruction_error",
+    "ReconstructionError",
+]
+
+_NO_KWARGS = ({}, {})
+
+
+class ReconstructionError(RuntimeError):
+    """A rebuilt block input drifted past the tolerance (or is not finite)."""
+
+
+def _under_compile() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def _resolve_seeds(generator: Optional[torch.Generator], depth: int) -> Optional[List[Tuple[int, int]]]:
+    """Child seeds for one call: one base-seed draw, then :func:`derive_seed` per branch.
+
+    Inside ``torch.compile`` with no generator nothing is drawn and branches run as is
+    (deterministic stacks only; random ones need an explicit generator there).
+    """
+    if generator is None and _under_compile():
+        return None
+    base = draw_base_seed(generator)
+    return [(derive_seed(base, i, 0), derive_seed(base, i, 1)) for i in range(depth)]
+
+
+def _validate(where, blocks, params, x1, x2, kwargs, generator, names=("x1", "x2")):
+    _checks.check_blocks(where, blocks, params)
+    _checks.check_stream_pair(where, x1, x2, names)
+    _checks.check_params_device(where, params, x1.device)
+    _checks.check_kwargs(where, kwargs, len(blocks))
+    _checks.check_generator(where, generator, x1.device)
+
+
+def _reject_forward_mode(where: str, tensors: Sequence[torch.Tensor]) -> None:
+    """Raise a clear error under forward-mode AD (``torch.func.jvp``/``jacfwd``, dual tensors)."""
+    if _under_compile():
+        return
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    in_jvp = any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters())
+    if not in_jvp and torch.autograd.forward_ad._current_level >= 0:
+        in_jvp = any(torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in tensors)
+    if in_jvp:
+        raise RuntimeError(
+            f"{where}: forward-mode AD (torch.func.jvp, jacfwd, hessian, forward_ad dual tensors) "
+            "is unsupported: the memory-saving Function defines reverse mode only. Use reverse "
+            "mode (torch.func.vjp, jacrev; hessian as jacrev(jacrev(f))) or "
+            "revfunc.sequential_sequence for forward-mode derivatives."
+        )
+
+
+def _flatten(where, blocks, params, kwargs):
+    """Flat tensor list (each tensor once, by identity) and per-branch binds."""
+    slots: Dict[int, int] = {}
+    tensors: List[torch.Tensor] = []
+
+    def slot(t: torch.Tensor) -> int:
+        j = slots.get(id(t))
+        if j is None:
+            j = slots[id(t)] = len(tensors)
+            tensors.append(t)
+        return j
+
+    binds = []
+    for i, (pair, kw) in enumerate(zip(params, kwargs if kwargs is not None else itertools.repeat(_NO_KWARGS))):
+        block_binds = []
+        for p, k in zip(pair, kw):
+            param_slots = tuple((name, slot(t)) for name, t in p.items())
+            diff, other, static = [], [], {}
+            for name, v in k.items():
+                if isinstance(v, torch.Tensor):
+                    (diff if v.is_floating_point() else other).append((name, slot(v)))
+                else:
+                    static[name] = v
+            block_binds.append((param_slots, tuple(diff), tuple(other), static))
+        binds.append(tuple(block_binds))
+    return tensors, binds
+
+
+def _exact_states(depth: int, checkpoint_every: Optional[int]) -> Tuple[int, ...]:
+    if checkpoint_every is None:
+        return ()
+    return tuple(range(checkpoint_every, depth, checkpoint_every))
+
+
+def _autocast_state(device_type: str) -> Tuple[str, torch.dtype, bool]:
+    return device_type, torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type)
+
+
+def _make_plan(where, blocks, params, kwargs, generator, x1, x2, checkpoint_every=None, reverse_mode_only=False):
+    """Flatten the call's tensors and fix its seeds and autocast state in a :class:`Plan`."""
+    tensors, binds = _flatten(where, blocks, params, kwargs)
+    if reverse_mode_only:
+        _reject_forward_mode(where, (x1, x2, *tensors))
+    plan = Plan(where, tuple(tuple(b) for b in blocks), tuple(binds), _resolve_seeds(generator, len(blocks)),
+                _exact_states(len(blocks), checkpoint_every), _autocast_state(x1.device.type))
+    return plan, tensors
+
+
+def reversible_sequence(
+    blocks: Blocks,
+    params: BlockParams,
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    *,
+    kwargs: Optional[BlockKwargs] = None,
+    generator: Optional[torch.Generator] = None,
+    checkpoint_every: Optional[int] = None,
+    check_reconstruction: Union[None, bool, float] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Apply a stack of additive coupling blocks with activation memory constant in depth.
+
+    One ``torch.autograd.Function`` wraps the whole stack. It saves only the final
+    ``(y1, y2)`` and the tensors passed in; backward rebuilds each block's input from its
+    output and recomputes ``f``/``g`` under the forward's autocast state and seeds.
+    Gradients reach ``x1``, ``x2``, every tensor in ``params`` and every floating tensor
+    in ``kwargs`` through plain autograd, so this composes with ``loss.backward()``,
+    ``torch.autograd.grad``, ``torch.func.grad``/``vjp``/``vmap`` and ``torch.compile``.
+
+    Args:
+        blocks: ``[(f, g), ...]`` branch functions ``fn(params, x, **kwargs)``, shape-preserving.
+        params: ``[(f_params, g_params), ...]`` dicts of tensors, one pair per block.
+        x1, x2: the two halves of the stream: floating, same shape, dtype and device.
+        kwargs: ``None`` or ``[(f_kwargs, g_kwargs), ...]`` (see :func:`revfunc.route_args`).
+            Tensors become inputs of the Function; other values are closed over.
+        generator: source of the call's one base seed (see :mod:`revfunc.random`). ``None``:
+            one draw from the global RNG (none inside ``torch.compile``).
+        checkpoint_every: keep the exact stream every ``k`` blocks (memory O(L/k)); bounds
+            reconstruction drift in deep low-precision stacks. ``None``: keep none.
+        check_reconstruction: debug check. ``True`` or a float tolerance: before the
+            memory-saving forward, run the stack, rebuild every block input from the
+            output and raise :class:`ReconstructionError` naming the first block whose
+            relative error exceeds the tolerance (``True``: the dtype's default in
+            :data:`revfunc.testing.DEFAULT_TOLERANCES`). Costs two extra forwards and
+            O(L) memory during the check.
+
+    Returns:
+        ``(y1, y2)``, the final stream.
+
+    Shapes: (*, d), (*, d) -> (*, d), (*, d).
+    Pure: reads ``params``/``kwargs``; draws one seed from ``generator`` (or the global
+        RNG); every global RNG state is restored after each branch call.
+    Differentiable in: x1, x2, params, floating kwargs tensors; not the generator,
+        integer/bool kwargs (masks) or non-tensor kwargs.
+
+    Raises:
+        TypeError, ValueError: bad arguments (before any computation).
+        RuntimeError: forward-mode AD. :class:`ReconstructionError` with
+            ``check_reconstruction``.
+
+    Example:
+        >>> import torch, revfunc
+        >>> f = g = lambda p, x: torch.tanh(x @ p["w"])
+        >>> params = [({"w": torch.eye(4)}, {"w": torch.eye(4)})] * 3
+        >>> x1, x2 = torch.randn(2, 4), torch.randn(2, 4)
+        >>> y1, y2 = revfunc.reversible_sequence([(f, g)] * 3, params, x1, x2)
+        >>> z1, z2 = revfunc.reversible_inverse([(f, g)] * 3, params, y1, y2)
+        >>> torch.allclose(z1, x1, atol=1e-6) and torch.allclose(z2, x2, atol=1e-6)
+        True
+    """
+    where = "revfunc.reversible_sequence"
+    _validate(where, blocks, params, x1, x2, kwargs, generator)
+    _checks.check_positive_int(where, "checkpoint_every", checkpoint_every)
+    plan, tensors = _make_plan(where, blocks, params, kwargs, generator, x1, x2, checkpoint_every,
+                               reverse_mode_only=True)
+    if check_reconstruction is not None and check_reconstruction is not False:
+        _check_drift(plan, x1, x2, tensors, check_reconstruction)
+    out = function_for(len(tensors)).apply(plan, x1, x2, *tensors)
+    return out[0], out[1]
+
+
+def _run_plain(plan: Plan, x1, x2, tensors, record: bool = False):
+    """Plain forward of a plan; with ``record``, also the list of every block input."""
+    inputs = []
+    for i, (f, g) in enumerate(plan.blocks):
+        if record:
+            inputs.append((x1, x2))
+        (fp, fk), (gp, gk) = bind(plan.binds[i][0], tensors), bind(plan.binds[i][1], tensors)
+        x1, x2 = couple(f, g, fp, gp, x1, x2, fk, gk, plan.seed(i, 0), plan.seed(i, 1))
+    return x1, x2, inputs
+
+
+def _drift(plan: Plan, x1, x2, tensors) -> List[float]:
+    """Per-block relative error of the rebuilt input against the true one (no grad)."""
+    with torch.no_grad():
+        y1, y2, inputs = _run_plain(plan, x1, x2, tensors, record=True)
+        errors = [0.0] * len(plan.blocks)
+        exact = set(plan.exact)
+        for i in range(len(plan.blocks) - 1, -1, -1):
+            if i + 1 in exact:
+                y1, y2 = inputs[i + 1]
+            f, g = plan.blocks[i]
+            (fp, fk), (gp, gk) = bind(plan.binds[i][0], tensors), bind(plan.binds[i][1], tensors)
+            y1, y2 = uncouple(f, g, fp, gp, y1, y2, fk, gk, plan.seed(i, 0), plan.seed(i, 1))
+            t1, t2 = inputs[i]
+            scale = torch.maximum(t1.abs().max(), t2.abs().max()).double()
+            diff = torch.maximum((y1 - t1).abs().max(), (y2 - t2).abs().max()).double()
+            err = diff / scale.clamp_min(torch.finfo(torch.float64).tiny)
+            errors[i] = float("inf") if not torch.isfinite(diff) else float(err)
+    return errors
+
+
+def _check_drift(plan: Plan, x1, x2, tensors, tolerance) -> None:
+    if tolerance is True:
+        from revfunc.testing._tolerances import default_tolerances
+
+        tolerance = default_tolerances(x1.dtype)[0]
+    errors = _drift(plan, x1, x2, tensors)
+    for i, err in enumerate(errors):
+        if not err <= tolerance:
+            raise ReconstructionError(
+                f"{plan.where}: block {i}'s input rebuilt from the output differs from the true input by "
+                f"relative error {err:.3g} > tolerance {tolerance:.3g} (dtype {x1.dtype}, "
+                f"{len(plan.blocks)} blocks, checkpoint_every boundaries at {list(plan.exact)}). "
+                "The coupling is ill-conditioned at this precision: compute in a wider dtype, "
+                "shrink the branch's gain, or pass checkpoint_every=k to keep exact inputs every k blocks."
+            )
+
+
+def sequential_sequence(
+    blocks: Blocks,
+    params: BlockParams,
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    *,
+    kwargs: Optional[BlockKwargs] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The same stack as :func:`reversible_sequence` in plain autograd (stores everything).
+
+    The reference for tests and the fallback for second-order and forward-mode
+    derivatives. With the same ``generator`` state it sees the same random numbers as
+    :func:`reversible_sequence`, so outputs and gradients match.
+
+    Shapes: (*, d), (*, d) -> (*, d), (*, d).
+    Pure: as :func:`reversible_sequence`.
+    Differentiable in: x1, x2, params, floating kwargs tensors (any order, forward mode too).
+    """
+    where = "revfunc.sequential_sequence"
+    _validate(where, blocks, params, x1, x2, kwargs, generator)
+    plan, tensors = _make_plan(where, blocks, params, kwargs, generator, x1, x2)
+    y1, y2, _ = _run_plain(plan, x1, x2, tensors)
+    return y1, y2
+
+
+def reversible_inverse(
+    blocks: Blocks,
+    params: BlockParams,
+    y1: torch.Tensor,
+    y2: torch.Tensor,
+    *,
+    kwargs: Optional[BlockKwargs] = None,
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Invert a stack: ``reversible_inverse(reversible_sequence(x)) == x`` up to rounding.
+
+    Give ``generator`` in the state the forward got it in (the same base seed is drawn),
+    so random branches replay the forward's random numbers.
+
+    Shapes: (*, d), (*, d) -> (*, d), (*, d).
+    Pure: as :func:`reversible_sequence`.
+    Differentiable in: y1, y2, params, floating kwargs tensors (plain autograd).
+    """
+    where = "revfunc.reversible_inverse"
+    _validate(where, blocks, params, y1, y2, kwargs, generator, names=("y1", "y2"))
+    plan, tensors = _make_plan(where, blocks, params, kwargs, generator, y1, y2)
+    for i in range(len(plan.blocks) - 1, -1, -1):
+        f, g = plan.blocks[i]
+        (fp, fk), (gp, gk) = bind(plan.binds[i][0], tensors), bind(plan.binds[i][1], tensors)
+        y1, y2 = uncouple(f, g, fp, gp, y1, y2, fk, gk, plan.seed(i, 0), plan.seed(i, 1))
+    return y1, y2
+
+
+def reconstruction_error(
+    blocks: Blocks,
+    params: BlockParams,
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    *,
+    kwargs: Optional[BlockKwargs] = None,
+    generator: Optional[torch.Generator] = None,
+    checkpoint_every: Optional[int] = None,
+) -> List[float]:
+    """How far the backward pass's rebuilt inputs drift from the true ones, per block.
+
+    Runs the stack in plain forward (recording each block's input), then rebuilds the
+    inputs from the final output exactly as the memory-saving backward does (resetting
+    to the exact stream at ``checkpoint_every`` boundaries).
+
+    Returns:
+        ``errs`` of length L: ``errs[i] = max(|x1' - x1|, |x2' - x2|) / max(|x1|, |x2|)``
+        for block i's rebuilt input ``(x1', x2')`` (max over elements; ``inf`` when the
+        rebuilt input is not finite).
+
+    Shapes: (*, d), (*, d) -> list of L floats.
+    Pure: as :func:`reversible_sequence`; no gradients are recorded.
+    """
+    where = "revfunc.reconstruction_error"
+    _validate(where, blocks, params, x1, x2, kwargs, generator)
+    _checks.check_positive_int(where, "checkpoint_every", checkpoint_every)
+    plan, tensors = _make_plan(where, blocks, params, kwargs, generator, x1, x2, checkpoint_every)
+    return _drift(plan, x1, x2, tensors)
