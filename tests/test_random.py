@@ -1,0 +1,112 @@
+"""Explicit randomness: seeds, fork-and-seed, dropout replay in backward."""
+
+import pytest
+import torch
+
+import revfunc
+from helpers import assert_all_close, flat_params, inputs, loss_of, make_pure_stack, make_stack
+from revfunc.random import accepts_generator, derive_seed, draw_base_seed, dropout, fork_and_seed
+
+
+def grads_with(fn, blocks, params, x1, x2, seed, **kw):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.autograd.grad(loss_of(*fn(blocks, params, x1, x2, generator=gen, **kw)),
+                               [x1, x2, *flat_params(params)])
+
+
+def pure_dropout_branch(p, x, generator=None):
+    return dropout(torch.tanh(x @ p["w"] + p["b"]), 0.4, generator)
+
+
+def test_derive_seed_is_deterministic_distinct_and_63_bit():
+    seeds = {derive_seed(b, i, br) for b in (0, 1, 2**63 - 1) for i in range(50) for br in (0, 1)}
+    assert len(seeds) == 300
+    assert all(0 <= s < 2**63 for s in seeds)
+    assert derive_seed(7, 3, 1) == derive_seed(7, 3, 1)
+
+
+def test_draw_base_seed_advances_its_generator_by_one_draw():
+    a, b = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    first = draw_base_seed(a)
+    assert first == draw_base_seed(b)
+    assert draw_base_seed(a) != first
+
+
+def test_fork_and_seed_restores_the_global_state_even_on_error():
+    before = torch.get_rng_state()
+    with pytest.raises(KeyError):
+        with fork_and_seed(3):
+            torch.rand(4)
+            raise KeyError
+    assert torch.equal(before, torch.get_rng_state())
+
+
+def test_accepts_generator_needs_an_explicit_keyword():
+    assert accepts_generator(pure_dropout_branch)
+    assert not accepts_generator(lambda p, x, **kwargs: x)
+    assert not accepts_generator(torch.nn.Dropout(0.1).forward)
+
+
+def test_dropout_matches_its_definition_and_is_identity_in_eval():
+    x = torch.randn(1000, dtype=torch.float64)
+    out = dropout(x, 0.25, torch.Generator().manual_seed(0))
+    mask = torch.rand(1000, generator=torch.Generator().manual_seed(0), dtype=torch.float64) < 0.75
+    assert_all_close([out], [x * mask / 0.75])
+    assert dropout(x, 0.25, None, training=False) is x
+    with pytest.raises(ValueError, match=r"p expected a probability in \[0, 1\), got 1.0"):
+        dropout(x, 1.0, None)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_stock_dropout_gradients_match_sequential_and_leave_global_rng_alone(mode):
+    layers, blocks, params = make_stack(3, dropout=0.3)
+    getattr(layers, mode)()
+    x1, x2 = inputs((4, 6))
+    before = torch.get_rng_state()
+    got = grads_with(revfunc.reversible_sequence, blocks, params, x1, x2, seed=5)
+    assert torch.equal(before, torch.get_rng_state())
+    want = grads_with(revfunc.sequential_sequence, blocks, params, x1, x2, seed=5)
+    assert_all_close(got, want, rtol=1e-10)
+
+
+def test_pure_dropout_branch_gets_its_own_generator():
+    blocks, params = make_pure_stack(3)
+    blocks = [(pure_dropout_branch, pure_dropout_branch)] * 3
+    x1, x2 = inputs((4, 5))
+    before = torch.get_rng_state()
+    got = grads_with(revfunc.reversible_sequence, blocks, params, x1, x2, seed=2)
+    assert torch.equal(before, torch.get_rng_state())
+    assert_all_close(got, grads_with(revfunc.sequential_sequence, blocks, params, x1, x2, seed=2), rtol=1e-10)
+
+
+def test_same_generator_state_reproduces_and_different_states_differ():
+    _, blocks, params = make_stack(2, dropout=0.5)
+    x1, x2 = inputs((8, 6), requires_grad=False)
+
+    def run(seed):
+        return revfunc.reversible_sequence(blocks, params, x1, x2, generator=torch.Generator().manual_seed(seed))[0]
+
+    assert torch.equal(run(0), run(0))
+    assert not torch.equal(run(0), run(1))
+
+
+def test_no_generator_draws_one_seed_from_the_global_rng():
+    _, blocks, params = make_stack(2, dropout=0.5)
+    x1, x2 = inputs((8, 6), requires_grad=False)
+    torch.manual_seed(11)
+    a = revfunc.reversible_sequence(blocks, params, x1, x2)[0]
+    after_one_call = torch.get_rng_state()
+    torch.manual_seed(11)
+    torch.randint(0, 2**63 - 1, ())  # exactly one draw
+    assert torch.equal(after_one_call, torch.get_rng_state())
+    torch.manual_seed(11)
+    assert torch.equal(a, revfunc.reversible_sequence(blocks, params, x1, x2)[0])
+
+
+def test_inverse_with_the_same_generator_state_replays_dropout():
+    _, blocks, params = make_stack(4, dropout=0.5)
+    x1, x2 = inputs((3, 6), requires_grad=False)
+    with torch.no_grad():
+        y = revfunc.reversible_sequence(blocks, params, x1, x2, generator=torch.Generator().manual_seed(9))
+        z = revfunc.reversible_inverse(blocks, params, *y, generator=torch.Generator().manual_seed(9))
+    assert_all_close(list(z), [x1, x2], rtol=1e-10, atol=1e-12)
