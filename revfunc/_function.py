@@ -91,7 +91,15 @@ def run_forward(plan: Plan, x1: torch.Tensor, x2: torch.Tensor, tensors: Sequenc
     return (x1, x2, *boundaries)
 
 
-def _branch_vjp(fn, b, tensors, needs, x, cotangent, seed, eager):
+def _replay(autocast, fn, params, x, kwargs, seed):
+    """Recompute one branch under the forward's autocast state (the only autocast scope:
+    the vjp itself runs outside it, as plain autograd's backward does)."""
+    device_type, dtype, enabled = autocast
+    with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+        return call_branch(fn, params, x, kwargs, seed)
+
+
+def _branch_vjp(fn, b, tensors, needs, x, cotangent, seed, eager, autocast):
     """``fn``'s output at ``x`` and the vjp of ``cotangent`` w.r.t. (params, kwargs, x).
 
     Returns ``(out, param_grads, kwarg_grads, x_grad)`` with grads as
@@ -110,10 +118,10 @@ def _branch_vjp(fn, b, tensors, needs, x, cotangent, seed, eager):
     slot_p = dict(param_slots)
     slot_k = dict(diff_slots)
     if eager:
-        out, gp, gk, gx = _autograd_vjp(fn, fixed_p, diff_p, fixed_k, diff_k, x, cotangent, seed)
+        out, gp, gk, gx = _autograd_vjp(fn, fixed_p, diff_p, fixed_k, diff_k, x, cotangent, seed, autocast)
     else:
         def call(p, k, inp):
-            return call_branch(fn, {**fixed_p, **p}, inp, {**fixed_k, **k}, seed)
+            return _replay(autocast, fn, {**fixed_p, **p}, inp, {**fixed_k, **k}, seed)
 
         out, vjp_fn = torch.func.vjp(call, diff_p, diff_k, x)
         gp, gk, gx = vjp_fn(cotangent.to(out.dtype))
@@ -123,7 +131,7 @@ def _branch_vjp(fn, b, tensors, needs, x, cotangent, seed, eager):
     return out, grads, gx
 
 
-def _autograd_vjp(fn, fixed_p, diff_p, fixed_k, diff_k, x, cotangent, seed):
+def _autograd_vjp(fn, fixed_p, diff_p, fixed_k, diff_k, x, cotangent, seed, autocast):
     """The same vjp with ``torch.autograd.grad`` (plain eager first-order backward only).
 
     The tensors in ``diff_p``/``diff_k`` are the caller's, as saved: the recomputation's
@@ -133,7 +141,7 @@ def _autograd_vjp(fn, fixed_p, diff_p, fixed_k, diff_k, x, cotangent, seed):
     """
     with torch.enable_grad():
         xin = x.detach().requires_grad_()
-        out = call_branch(fn, {**fixed_p, **diff_p}, xin, {**fixed_k, **diff_k}, seed)
+        out = _replay(autocast, fn, {**fixed_p, **diff_p}, xin, {**fixed_k, **diff_k}, seed)
         inputs = (xin, *diff_p.values(), *diff_k.values())
         grads = torch.autograd.grad(out, inputs, cotangent.to(out.dtype), allow_unused=True)
     grads = [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads)]
@@ -166,22 +174,22 @@ def run_backward(plan: Plan, dy1, dy2, saved: Sequence[torch.Tensor], needs: Seq
     # create_graph (double backward), torch.func transforms or torch.compile, torch.func.vjp.
     eager = not (torch.is_grad_enabled() or torch.compiler.is_compiling()
                  or torch._C._functorch.peek_interpreter_stack() is not None)
-    device_type, dtype, enabled = plan.autocast
-    with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-        for i in range(len(plan.blocks) - 1, -1, -1):
-            f, g = plan.blocks[i]
-            if i + 1 in exact:
-                y1, y2 = exact[i + 1]
-            gy, g_grads, dy1_g = _branch_vjp(g, plan.binds[i][1], tensors, needs, y1, dy2, plan.seed(i, 1), eager)
-            a1 = dy1 + dy1_g
-            x2 = exact[i][1] if i in exact else y2 - gy
-            fx, f_grads, dx2_f = _branch_vjp(f, plan.binds[i][0], tensors, needs, x2, a1, plan.seed(i, 0), eager)
-            dy1, dy2 = a1, dy2 + dx2_f
-            if i > 0 and i not in exact:
-                y1, y2 = y1 - fx, x2
-            for block_grads in (g_grads, f_grads):
-                for j, v in block_grads.items():
-                    grads[j] = v if grads[j] is None else grads[j] + v
+    for i in range(len(plan.blocks) - 1, -1, -1):
+        f, g = plan.blocks[i]
+        if i + 1 in exact:
+            y1, y2 = exact[i + 1]
+        gy, g_grads, dy1_g = _branch_vjp(g, plan.binds[i][1], tensors, needs, y1, dy2, plan.seed(i, 1), eager,
+                                         plan.autocast)
+        a1 = dy1 + dy1_g
+        x2 = exact[i][1] if i in exact else y2 - gy
+        fx, f_grads, dx2_f = _branch_vjp(f, plan.binds[i][0], tensors, needs, x2, a1, plan.seed(i, 0), eager,
+                                         plan.autocast)
+        dy1, dy2 = a1, dy2 + dx2_f
+        if i > 0 and i not in exact:
+            y1, y2 = y1 - fx, x2
+        for block_grads in (g_grads, f_grads):
+            for j, v in block_grads.items():
+                grads[j] = v if grads[j] is None else grads[j] + v
     return dy1, dy2, grads
 
 

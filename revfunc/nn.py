@@ -140,7 +140,9 @@ class ReversibleSequence(nn.Module):
         routed = route_args(self.args_route, kwargs, len(self.blocks))
         keep = _kept_layers(self, len(self.blocks), generator)
         fns, params = zip(*(self.blocks[i].pure() for i in keep))
-        y1, y2 = reversible_sequence(list(fns), list(params), x, x, kwargs=[routed[i] for i in keep],
+        # Both halves start as x (the classic cat([x, x], -1)); a view keeps the two
+        # Function inputs distinct tensors, which Dynamo requires.
+        y1, y2 = reversible_sequence(list(fns), list(params), x, x.view_as(x), kwargs=[routed[i] for i in keep],
                                      generator=generator)
         return y1 + y2
 

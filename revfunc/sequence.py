@@ -157,7 +157,7 @@ def reversible_sequence(
         check_reconstruction: debug check. ``True`` or a float tolerance: before the
             memory-saving forward, run the stack, rebuild every block input from the
             output and raise :class:`ReconstructionError` naming the first block whose
-            relative error exceeds the tolerance (``True``: the dtype's default in
+            relative error exceeds the tolerance, scanning in backward order (``True``: the dtype's default in
             :data:`revfunc.testing.DEFAULT_TOLERANCES`). Costs two extra forwards and
             O(L) memory during the check.
 
@@ -233,7 +233,10 @@ def _check_drift(plan: Plan, x1, x2, tensors, tolerance) -> None:
 
         tolerance = default_tolerances(x1.dtype)[0]
     errors = _drift(plan, x1, x2, tensors)
-    for i, err in enumerate(errors):
+    # Backward rebuilds from the last block down: the first block past the tolerance in
+    # that order is where the drift comes from (earlier blocks inherit it).
+    for i in range(len(errors) - 1, -1, -1):
+        err = errors[i]
         if not err <= tolerance:
             raise ReconstructionError(
                 f"{plan.where}: block {i}'s input rebuilt from the output differs from the true input by "

@@ -3,6 +3,7 @@
 import copy
 import os
 import tempfile
+import time
 
 import pytest
 import torch
@@ -152,6 +153,7 @@ def _ddp_worker(rank, world, init_file, find_unused, out_dir):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     torch.set_num_threads(1)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # stay on loopback
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     try:
@@ -185,7 +187,14 @@ def test_ddp_gradients_equal_a_single_process_run_over_the_whole_batch(find_unus
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_ddp_worker, args=(2, os.path.join(tmp, "init"), find_unused, tmp), nprocs=2, join=True)
+        ctx = mp.start_processes(_ddp_worker, args=(2, os.path.join(tmp, "init"), find_unused, tmp), nprocs=2,
+                                 join=False, start_method="spawn")
+        deadline = time.monotonic() + 90
+        while not ctx.join(timeout=2):
+            if time.monotonic() > deadline:
+                for process in ctx.processes:
+                    process.kill()
+                pytest.fail("DDP workers did not finish within 90 s")
         got = torch.load(os.path.join(tmp, "grads.pt"))
     model = _ddp_model()
     x, mask = _ddp_batch()
