@@ -49,6 +49,16 @@ class PureModule:
                     owners.append((f"{prefix}.{key}" if prefix else key, getattr(sub, kind), key))
         self._owners = tuple(owners)
 
+    def live_params(self) -> Dict[str, torch.Tensor]:
+        """The module's current parameters and buffers, like :func:`module_params`, read
+        through the holders recorded at construction (no module traversal per call)."""
+        out = {}
+        for name, holder, key in self._owners:
+            t = holder.get(key)
+            if t is not None:
+                out[name] = t
+        return out
+
     def is_live(self, params: Params) -> bool:
         """Whether ``params`` are exactly the module's current tensors (by identity)."""
         if len(params) > len(self._owners):

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from revfunc import _checks
-from revfunc.functional import PureModule, module_params
+from revfunc.functional import PureModule
 from revfunc.random import accepts_generator, call_branch, derive_seed, draw_base_seed
 from revfunc.routing import check_router, layer_drop, route_args
 from revfunc.sequence import reversible_inverse, reversible_sequence
@@ -70,7 +70,7 @@ class ReversibleBlock(nn.Module):
 
     def pure(self) -> Tuple[Tuple[PureModule, PureModule], Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]]:
         """``((f_fn, g_fn), (f_params, g_params))`` with the live parameters."""
-        return self._pure, (module_params(self.f.net), module_params(self.g.net))
+        return self._pure, (self._pure[0].live_params(), self._pure[1].live_params())
 
     def _split(self, where: str, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         if not isinstance(x, torch.Tensor):

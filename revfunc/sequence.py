@@ -114,7 +114,7 @@ def _autocast_state(device_type: str) -> Tuple[str, torch.dtype, bool]:
     return device_type, torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type)
 
 
-def _make_plan(where, blocks, params, kwargs, generator, x1, x2, checkpoint_every=None, reverse_mode_only=False):
+def make_plan(where, blocks, params, kwargs, generator, x1, x2, checkpoint_every=None, reverse_mode_only=False):
     """Flatten the call's tensors and fix its seeds and autocast state in a :class:`Plan`."""
     tensors, binds = _flatten(where, blocks, params, kwargs)
     if reverse_mode_only:
@@ -188,7 +188,7 @@ def reversible_sequence(
     where = "revfunc.reversible_sequence"
     _validate(where, blocks, params, x1, x2, kwargs, generator)
     _checks.check_positive_int(where, "checkpoint_every", checkpoint_every)
-    plan, tensors = _make_plan(where, blocks, params, kwargs, generator, x1, x2, checkpoint_every,
+    plan, tensors = make_plan(where, blocks, params, kwargs, generator, x1, x2, checkpoint_every,
                                reverse_mode_only=True)
     if check_reconstruction is not None and check_reconstruction is not False:
         _check_drift(plan, x1, x2, tensors, check_reconstruction)
@@ -207,11 +207,14 @@ def _run_plain(plan: Plan, x1, x2, tensors, record: bool = False):
     return x1, x2, inputs
 
 
-def _drift(plan: Plan, x1, x2, tensors) -> List[float]:
-    """Per-block relative error of the rebuilt input against the true one (no grad)."""
+def rebuilt_inputs(plan: Plan, x1, x2, tensors):
+    """Yield ``(i, (x1', x2'), (x1, x2))`` from the last block down: block i's input as the
+    memory-saving backward rebuilds it, and as a plain forward computed it (no grad).
+
+    At ``plan.exact`` states the rebuild restarts from the true stream, as in backward.
+    """
     with torch.no_grad():
         y1, y2, inputs = _run_plain(plan, x1, x2, tensors, record=True)
-        errors = [0.0] * len(plan.blocks)
         exact = set(plan.exact)
         for i in range(len(plan.blocks) - 1, -1, -1):
             if i + 1 in exact:
@@ -219,11 +222,17 @@ def _drift(plan: Plan, x1, x2, tensors) -> List[float]:
             f, g = plan.blocks[i]
             (fp, fk), (gp, gk) = bind(plan.binds[i][0], tensors), bind(plan.binds[i][1], tensors)
             y1, y2 = uncouple(f, g, fp, gp, y1, y2, fk, gk, plan.seed(i, 0), plan.seed(i, 1))
-            t1, t2 = inputs[i]
-            scale = torch.maximum(t1.abs().max(), t2.abs().max()).double()
-            diff = torch.maximum((y1 - t1).abs().max(), (y2 - t2).abs().max()).double()
-            err = diff / scale.clamp_min(torch.finfo(torch.float64).tiny)
-            errors[i] = float("inf") if not torch.isfinite(diff) else float(err)
+            yield i, (y1, y2), inputs[i]
+
+
+def _drift(plan: Plan, x1, x2, tensors) -> List[float]:
+    """Per-block relative error of the rebuilt input against the true one (no grad)."""
+    errors = [0.0] * len(plan.blocks)
+    for i, (r1, r2), (t1, t2) in rebuilt_inputs(plan, x1, x2, tensors):
+        scale = torch.maximum(t1.abs().max(), t2.abs().max()).double()
+        diff = torch.maximum((r1 - t1).abs().max(), (r2 - t2).abs().max()).double()
+        err = diff / scale.clamp_min(torch.finfo(torch.float64).tiny)
+        errors[i] = float("inf") if not torch.isfinite(diff) else float(err)
     return errors
 
 
@@ -268,7 +277,7 @@ def sequential_sequence(
     """
     where = "revfunc.sequential_sequence"
     _validate(where, blocks, params, x1, x2, kwargs, generator)
-    plan, tensors = _make_plan(where, blocks, params, kwargs, generator, x1, x2)
+    plan, tensors = make_plan(where, blocks, params, kwargs, generator, x1, x2)
     y1, y2, _ = _run_plain(plan, x1, x2, tensors)
     return y1, y2
 
@@ -293,7 +302,7 @@ def reversible_inverse(
     """
     where = "revfunc.reversible_inverse"
     _validate(where, blocks, params, y1, y2, kwargs, generator, names=("y1", "y2"))
-    plan, tensors = _make_plan(where, blocks, params, kwargs, generator, y1, y2)
+    plan, tensors = make_plan(where, blocks, params, kwargs, generator, y1, y2)
     for i in range(len(plan.blocks) - 1, -1, -1):
         f, g = plan.blocks[i]
         (fp, fk), (gp, gk) = bind(plan.binds[i][0], tensors), bind(plan.binds[i][1], tensors)
@@ -328,5 +337,5 @@ def reconstruction_error(
     where = "revfunc.reconstruction_error"
     _validate(where, blocks, params, x1, x2, kwargs, generator)
     _checks.check_positive_int(where, "checkpoint_every", checkpoint_every)
-    plan, tensors = _make_plan(where, blocks, params, kwargs, generator, x1, x2, checkpoint_every)
+    plan, tensors = make_plan(where, blocks, params, kwargs, generator, x1, x2, checkpoint_every)
     return _drift(plan, x1, x2, tensors)

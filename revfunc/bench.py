@@ -1,0 +1,306 @@
+"""What reversibility costs in time and saves in memory: ``python -m revfunc.bench``.
+
+Compares, on the same transformer-like blocks (pre-norm attention + feed-forward) and
+inputs, in one process and interleaved:
+
+- ``plain``: plain autograd on the coupling math (= 1.0);
+- ``checkpoint``: ``torch.utils.checkpoint`` per block (non-reentrant);
+- ``classic``: the classic ``reversible.py`` container, when found (``--classic``);
+- ``revfunc``: :class:`revfunc.nn.ReversibleSequence`.
+
+Every method computes ``(y1, y2)`` from ``(x, x)`` and returns ``y1 + y2``, as the
+classic container does. Reported per depth: median fwd+bwd time ratio to plain,
+activation bytes saved for backward (``saved_tensors_hooks``, parameters excluded) and
+peak memory (CUDA: ``max_memory_allocated``; CPU: peak RSS of a fresh worker process per
+configuration, VmHWM after fwd+bwd minus VmRSS just before the forward, with
+``MALLOC_MMAP_THRESHOLD_=131072``). CPU memory workers run before this process imports
+torch, so none inherits its peak RSS.
+
+Writes ``bench.json`` and ``bench.png`` (time ratio and memory vs depth) to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+METHODS = ("plain", "checkpoint", "classic", "revfunc")
+DEFAULT_CLASSIC = pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference" / "reversible.py"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m revfunc.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--depths", type=int, nargs="+", default=[4, 8, 16, 32])
+    parser.add_argument("--dim", type=int, default=128, help="model width d")
+    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--seq", type=int, default=64, help="tokens per example")
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
+    parser.add_argument("--repeats", type=int, default=7, help="timed fwd+bwd per method and depth (after 2 warm-up)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    parser.add_argument("--classic", default=str(DEFAULT_CLASSIC), help="path of the classic reversible.py ('' to skip)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory workers")
+    parser.add_argument("--out", default="bench_out", help="folder for bench.json and bench.png")
+    parser.add_argument("--worker", nargs=2, metavar=("METHOD", "DEPTH"), help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def methods(args) -> list:
+    return [m for m in METHODS if m != "classic" or (args.classic and os.path.exists(args.classic))]
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def build(args, method: str, depth: int):
+    """``(model, x)``: a module mapping ``x`` of shape (batch, seq, dim) to the same shape."""
+    import torch
+    from torch import nn
+    from torch.utils.checkpoint import checkpoint
+
+    from revfunc.testing.blocks import transformer_layers
+
+    dtype = getattr(torch, args.dtype)
+    torch.manual_seed(0)
+    layers = transformer_layers(depth, args.dim, heads=args.heads).to(device=args.device, dtype=dtype)
+    x = torch.randn(args.batch, args.seq, args.dim, device=args.device, dtype=dtype, requires_grad=True)
+
+    if method == "revfunc":
+        from revfunc.nn import ReversibleSequence
+
+        return ReversibleSequence(layers), x
+    if method == "classic":
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("classic_reversible", args.classic)
+        classic = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(classic)
+        return classic.ReversibleSequence(layers), x
+
+    def couple(x1, x2, f, g):
+        y1 = x1 + f(x2)
+        return y1, x2 + g(y1)
+
+    class Coupled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = layers
+
+        def forward(self, x):
+            x1, x2 = x, x
+            for f, g in self.layers:
+                if method == "checkpoint":
+                    x1, x2 = checkpoint(couple, x1, x2, f, g, use_reentrant=False)
+                else:
+                    x1, x2 = couple(x1, x2, f, g)
+            return x1 + x2
+
+    return Coupled(), x
+
+
+def step(model, x) -> None:
+    model(x).float().pow(2).mean().backward()
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"revfunc.bench: /proc/self/status has no {field}")
+
+
+def worker(args) -> None:
+    """Peak memory of one fwd+bwd in this fresh process; prints one JSON line."""
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    method, depth = args.worker[0], int(args.worker[1])
+    model, x = build(args, method, depth)
+    step(model, x)  # warm-up: one-time allocations (thread pools, kernels) are not activations
+    model.zero_grad(set_to_none=True)  # as optimizer.zero_grad() leaves it: gradients count
+    x.grad = None
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step(model, x)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+    else:
+        try:
+            with open("/proc/self/clear_refs", "w") as clear:
+                clear.write("5")  # reset VmHWM to the current RSS
+        except OSError:
+            pass
+        before = _status_kib("VmRSS")
+        step(model, x)
+        peak = (_status_kib("VmHWM") - before) * 1024
+    print(json.dumps({"method": method, "depth": depth, "peak_bytes": peak}))
+
+
+def peak_memory(args, argv) -> dict:
+    """``{(method, depth): bytes}`` from one fresh worker process per configuration."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", PYTHONUNBUFFERED="1")
+    peaks = {}
+    for depth in args.depths:
+        for method in methods(args):
+            cmd = [sys.executable, "-m", "revfunc.bench", *argv, "--worker", method, str(depth)]
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+            if out.returncode != 0:
+                raise RuntimeError(f"revfunc.bench: memory worker {method} depth {depth} failed:\n{out.stderr}")
+            peaks[method, depth] = json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
+            print(f"  memory  depth {depth:3d}  {method:10s} {peaks[method, depth] / 2**20:8.1f} MiB", flush=True)
+    return peaks
+
+
+def saved_bytes(model, x) -> int:
+    """Bytes of non-parameter tensors saved for backward by one forward."""
+    import torch
+
+    skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        if t.untyped_storage().data_ptr() not in skip:
+            total += t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return total
+
+
+def timings(args) -> tuple:
+    """Median fwd+bwd seconds and saved bytes per (method, depth), methods interleaved."""
+    import torch
+
+    sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
+    times, saved = {}, {}
+    for depth in args.depths:
+        built = {m: build(args, m, depth) for m in methods(args)}
+        for m, (model, x) in built.items():
+            saved[m, depth] = saved_bytes(model, x)
+        samples = {m: [] for m in built}
+        for r in range(args.repeats + 2):
+            for m, (model, x) in built.items():
+                model.zero_grad(set_to_none=True)
+                x.grad = None
+                sync()
+                start = time.perf_counter()
+                step(model, x)
+                sync()
+                if r >= 2:
+                    samples[m].append(time.perf_counter() - start)
+        for m in built:
+            times[m, depth] = statistics.median(samples[m])
+        plain = times["plain", depth]
+        line = "  ".join(f"{m} {times[m, depth] / plain:5.2f}x" for m in built)
+        print(f"  time    depth {depth:3d}  plain {plain * 1e3:7.1f} ms  {line}", flush=True)
+    return times, saved
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def report(args, times, saved, peaks) -> dict:
+    rows = []
+    for depth in args.depths:
+        for m in methods(args):
+            rows.append({
+                "depth": depth,
+                "method": m,
+                "seconds": times[m, depth],
+                "time_ratio": times[m, depth] / times["plain", depth],
+                "saved_bytes": saved[m, depth],
+                "saved_ratio": saved[m, depth] / saved["plain", depth],
+                "peak_bytes": peaks.get((m, depth)),
+                "peak_ratio": (peaks[m, depth] / peaks["plain", depth]) if peaks and peaks["plain", depth] else None,
+            })
+    header = f"{'depth':>5}  {'method':10s} {'time':>8} {'saved MiB':>10} {'saved':>7} {'peak MiB':>9} {'peak':>7}"
+    print("\n" + header)
+    print("-" * len(header))
+    for row in rows:
+        peak = "" if row["peak_bytes"] is None else f"{row['peak_bytes'] / 2**20:9.1f} {row['peak_ratio']:6.3f}x"
+        print(f"{row['depth']:5d}  {row['method']:10s} {row['time_ratio']:7.3f}x {row['saved_bytes'] / 2**20:10.2f} "
+              f"{row['saved_ratio']:6.3f}x {peak}")
+    return {"config": {k: v for k, v in vars(args).items() if k != "worker"}, "rows": rows}
+
+
+def plot(result: dict, path: pathlib.Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("revfunc.bench: matplotlib is not installed; skipping the plot (pip install 'revfunc[bench]')")
+        return False
+    rows = result["rows"]
+    names = list(dict.fromkeys(r["method"] for r in rows))
+    has_peak = any(r["peak_bytes"] is not None for r in rows)
+    fig, axes = plt.subplots(1, 3 if has_peak else 2, figsize=(15 if has_peak else 10, 4))
+    panels = [("time_ratio", "fwd+bwd time / plain"), ("saved_bytes", "activation MiB saved for backward")]
+    if has_peak:
+        panels.append(("peak_bytes", "peak memory MiB"))
+    for ax, (key, label) in zip(axes, panels):
+        for name in names:
+            pts = [(r["depth"], r[key]) for r in rows if r["method"] == name and r[key] is not None]
+            scale = 1.0 if key == "time_ratio" else 2**-20
+            ax.plot([d for d, _ in pts], [v * scale for _, v in pts], marker="o", label=name)
+        ax.set_xlabel("depth (blocks)")
+        ax.set_ylabel(label)
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+    axes[0].legend()
+    cfg = result["config"]
+    fig.suptitle(f"revfunc.bench: d={cfg['dim']}, seq={cfg['seq']}, batch={cfg['batch']}, "
+                 f"{cfg['dtype']} on {cfg['device']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.worker:
+        worker(args)
+        return {}
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"revfunc.bench: depths {args.depths}, d={args.dim}, seq={args.seq}, batch={args.batch}, "
+          f"{args.dtype} on {args.device}; methods {methods(args)}", flush=True)
+    peaks = {}
+    if not args.no_memory:  # before this process imports torch (workers inherit nothing)
+        peaks = peak_memory(args, argv)
+    import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    times, saved = timings(args)
+    result = report(args, times, saved, peaks)
+    result["machine"] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
+                         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
+    result["rows"] = [{**r} for r in result["rows"]]
+    (out / "bench.json").write_text(json.dumps(result, indent=2))
+    wrote_plot = plot(result, out / "bench.png")
+    print(f"\nwrote {out / 'bench.json'}" + (f" and {out / 'bench.png'}" if wrote_plot else ""))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,235 @@
+"""Assertions for property-testing reversible stacks of your own blocks.
+
+Both raise ``AssertionError`` naming the block, the tensor, the max abs/rel error and the
+tolerance; neither returns a bool.
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+
+from revfunc._types import BlockKwargs, BlockParams, Blocks
+from revfunc.sequence import (
+    _validate,
+    make_plan,
+    rebuilt_inputs,
+    reversible_sequence,
+    sequential_sequence,
+)
+from revfunc.testing._tolerances import default_tolerances
+
+__all__ = ["assert_invertible", "assert_gradients_match"]
+
+
+def _tolerances(dtype: torch.dtype, rtol: Optional[float], atol: Optional[float]) -> Tuple[float, float]:
+    default_rtol, default_atol = default_tolerances(dtype)
+    return (default_rtol if rtol is None else rtol), (default_atol if atol is None else atol)
+
+
+def _rng_restorer(generator: Optional[torch.Generator]):
+    """A function that puts ``generator`` (the global CPU RNG if None) back in its current
+    state, so every compared run draws the same seeds."""
+    state = generator.get_state() if generator is not None else torch.get_rng_state()
+    if generator is not None:
+        return lambda: generator.set_state(state)
+    return lambda: torch.set_rng_state(state)
+
+
+def _mismatch(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float) -> Optional[str]:
+    """``None`` if close (``|a - e| <= atol + rtol * |e|`` everywhere), else the error summary."""
+    a, e = actual.detach().double(), expected.detach().double()
+    if a.shape != e.shape:
+        return f"shape {tuple(a.shape)} != expected {tuple(e.shape)}"
+    if not torch.isfinite(a).all():
+        return f"{int((~torch.isfinite(a)).sum())} non-finite values"
+    diff = (a - e).abs()
+    if bool((diff <= atol + rtol * e.abs()).all()):
+        return None
+    rel = (diff / e.abs().clamp_min(torch.finfo(torch.float64).tiny)).max().item()
+    return f"max abs error {diff.max().item():.3g}, max rel error {rel:.3g} > tolerance rtol={rtol:.3g}, atol={atol:.3g}"
+
+
+def assert_invertible(
+    blocks: Blocks,
+    params: BlockParams,
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    *,
+    kwargs: Optional[BlockKwargs] = None,
+    generator: Optional[torch.Generator] = None,
+    rtol: Optional[float] = None,
+    atol: Optional[float] = None,
+) -> None:
+    """Assert that every block's input is rebuilt from its output, as backward does it.
+
+    Runs the stack in plain forward (recording each block's input), checks every output
+    is finite, then rebuilds the inputs from the final output block by block (last to
+    first) and compares each with the recorded one. Also checks that
+    :func:`revfunc.reversible_sequence` gives the plain forward's output (a block whose
+    result depends on hidden state, e.g. a call counter, fails here or in the rebuild).
+
+    Args:
+        blocks, params, x1, x2, kwargs, generator: as for :func:`revfunc.reversible_sequence`.
+        rtol, atol: tolerances; default per dtype (:data:`revfunc.testing.DEFAULT_TOLERANCES`).
+
+    Raises:
+        AssertionError: naming the block, the tensor (x1/x2/y1/y2), the max abs and
+            relative error and the tolerance.
+
+    Shapes: (*, d), (*, d).
+    Pure: as :func:`revfunc.reversible_sequence`; records no gradients.
+    """
+    where = "revfunc.testing.assert_invertible"
+    _validate(where, blocks, params, x1, x2, kwargs, generator)
+    rtol, atol = _tolerances(x1.dtype, rtol, atol)
+    restore = _rng_restorer(generator)
+    plan, tensors = make_plan(where, blocks, params, kwargs, generator, x1, x2)
+    for i, (r1, r2), (t1, t2) in rebuilt_inputs(plan, x1, x2, tensors):
+        for name, rebuilt_t, true_t in (("x2", r2, t2), ("x1", r1, t1)):  # the order the inverse rebuilds
+            if not torch.isfinite(true_t).all():
+                raise AssertionError(f"{where}: block {i - 1 if i else 'input'} produced a non-finite "
+                                     f"{name} (block {i}'s input); reconstruction cannot be checked.")
+            problem = _mismatch(rebuilt_t, true_t, rtol, atol)
+            if problem:
+                raise AssertionError(f"{where}: block {i}'s input {name} rebuilt from its output differs from "
+                                     f"the forward's: {problem}.")
+    # The memory-saving path must agree with the plain forward for the same seeds.
+    with torch.no_grad():
+        restore()
+        plain = sequential_sequence(blocks, params, x1, x2, kwargs=kwargs, generator=generator)
+        restore()
+        fast = reversible_sequence(blocks, params, x1, x2, kwargs=kwargs, generator=generator)
+    for name, a, e in (("y1", fast[0], plain[0]), ("y2", fast[1], plain[1])):
+        if not torch.isfinite(e).all():
+            raise AssertionError(f"{where}: the stack's output {name} is not finite.")
+        problem = _mismatch(a, e, rtol, atol)
+        if problem:
+            raise AssertionError(f"{where}: output {name} of revfunc.reversible_sequence differs from a second "
+                                 f"plain forward with the same seeds (is a block impure?): {problem}.")
+
+
+def _named_leaves(params: BlockParams, kwargs: Optional[BlockKwargs]) -> Tuple[List[str], List[torch.Tensor]]:
+    """Names and tensors to differentiate: every floating param and kwarg tensor, once."""
+    names, tensors, seen = [], [], set()
+    for i, pair in enumerate(params):
+        for branch, p in zip("fg", pair):
+            for key, t in p.items():
+                if t.is_floating_point() and id(t) not in seen:
+                    seen.add(id(t))
+                    names.append(f"params[{i}] ({branch}) {key!r}")
+                    tensors.append(t)
+    for i, pair in enumerate(kwargs or ()):
+        for branch, k in zip("fg", pair):
+            for key, t in k.items():
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and id(t) not in seen:
+                    seen.add(id(t))
+                    names.append(f"kwargs[{i}] ({branch}) {key!r}")
+                    tensors.append(t)
+    return names, tensors
+
+
+def _replace(params: BlockParams, kwargs: Optional[BlockKwargs], old: Sequence[torch.Tensor],
+             new: Sequence[torch.Tensor]):
+    """``params``/``kwargs`` with each tensor of ``old`` (by identity) swapped for ``new``."""
+    swap = {id(o): n for o, n in zip(old, new)}
+
+    def sub(d):
+        return {k: swap.get(id(v), v) if isinstance(v, torch.Tensor) else v for k, v in d.items()}
+
+    new_params = [(sub(fp), sub(gp)) for fp, gp in params]
+    new_kwargs = None if kwargs is None else [(sub(fk), sub(gk)) for fk, gk in kwargs]
+    return new_params, new_kwargs
+
+
+def assert_gradients_match(
+    blocks: Blocks,
+    params: BlockParams,
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    *,
+    kwargs: Optional[BlockKwargs] = None,
+    generator: Optional[torch.Generator] = None,
+    rtol: Optional[float] = None,
+    atol: Optional[float] = None,
+    directions: int = 2,
+) -> None:
+    """Assert that reversible gradients are right, against two independent references.
+
+    1. Against :func:`revfunc.sequential_sequence` (plain autograd, same seeds): the
+       gradients of ``<y1, r1> + <y2, r2>`` (``r`` a fixed random projection) w.r.t.
+       x1, x2, every floating param and kwarg tensor, at ``rtol``/``atol``.
+    2. Against float64 central finite differences, which share no backward code with
+       the blocks (a wrong custom backward inside a block fools check 1, not this one):
+       along ``directions`` random directions ``v``, ``<grad, v>`` must equal
+       ``(L(θ + εv) - L(θ - εv)) / 2ε`` to 1e-5 relative.
+
+    Args:
+        blocks, params, x1, x2, kwargs, generator: as for :func:`revfunc.reversible_sequence`.
+        rtol, atol: tolerances of check 1; default per dtype.
+        directions: number of random directions in check 2.
+
+    Raises:
+        AssertionError: naming the tensor (with its block and branch), the max abs and
+            relative error and the tolerance.
+
+    Shapes: (*, d), (*, d).
+    Pure: as :func:`revfunc.reversible_sequence`; leaves ``.grad`` untouched.
+    """
+    where = "revfunc.testing.assert_gradients_match"
+    _validate(where, blocks, params, x1, x2, kwargs, generator)
+    rtol, atol = _tolerances(x1.dtype, rtol, atol)
+    names, leaves = _named_leaves(params, kwargs)
+    names = ["x1", "x2", *names]
+    probe = torch.Generator().manual_seed(1234)
+    r1 = torch.randn(x1.shape, generator=probe, dtype=torch.float64).to(x1.device)
+    r2 = torch.randn(x2.shape, generator=probe, dtype=torch.float64).to(x2.device)
+    restore = _rng_restorer(generator)
+
+    def grads(fn, base, p, k):
+        """Gradients of ``<y1, r1> + <y2, r2>`` w.r.t. ``base`` = [x1, x2, *leaves]."""
+        xs = [t.detach().requires_grad_() for t in base]
+        p, k = _replace(p, k, base[2:], xs[2:])
+        restore()
+        y1, y2 = fn(blocks, p, xs[0], xs[1], kwargs=k, generator=generator)
+        out = (y1.double() * r1).sum() + (y2.double() * r2).sum()
+        return torch.autograd.grad(out, xs, allow_unused=True, materialize_grads=True)
+
+    base = [x1, x2, *leaves]
+    got = grads(reversible_sequence, base, params, kwargs)
+    want = grads(sequential_sequence, base, params, kwargs)
+    for name, a, e in zip(names, got, want):
+        problem = _mismatch(a, e, rtol, atol)
+        if problem:
+            raise AssertionError(f"{where}: gradient of {name} from revfunc.reversible_sequence differs from "
+                                 f"plain autograd (revfunc.sequential_sequence): {problem}.")
+
+    # Independent check: float64 finite differences along random directions.
+    base64 = [t.detach().double() for t in base]
+    p64, k64 = _replace(params, kwargs, leaves, base64[2:])
+    grads64 = grads(reversible_sequence, base64, p64, k64)
+    eps = 1e-6
+    for d in range(directions):
+        v = [torch.randn(t.shape, generator=probe, dtype=torch.float64).to(t.device) for t in base64]
+        predicted = sum((g * u).sum() for g, u in zip(grads64, v)).item()
+
+        def shifted(sign):
+            moved = [t + sign * eps * u for t, u in zip(base64, v)]
+            p, k = _replace(p64, k64, base64[2:], moved[2:])
+            restore()
+            with torch.no_grad():
+                y1, y2 = sequential_sequence(blocks, p, moved[0], moved[1], kwargs=k, generator=generator)
+            return ((y1 * r1).sum() + (y2 * r2).sum()).item()
+
+        measured = (shifted(1.0) - shifted(-1.0)) / (2 * eps)
+        err = abs(predicted - measured)
+        if err > 1e-5 * max(abs(measured), 1.0):
+            raise AssertionError(
+                f"{where}: along random direction {d}, the directional derivative from revfunc's gradients "
+                f"({predicted:.10g}) differs from float64 finite differences ({measured:.10g}): abs error "
+                f"{err:.3g}, rel error {err / max(abs(measured), 1e-300):.3g} > tolerance 1e-05 "
+                "(a wrong custom backward inside a block?)."
+            )
+    restore()
+
