@@ -10,10 +10,13 @@ inputs, in one process and interleaved:
 
 Every method computes ``(y1, y2)`` from ``(x, x)`` and returns ``y1 + y2``, as the
 classic container does. Reported per depth: median fwd+bwd time ratio to plain,
-activation bytes saved for backward (``saved_tensors_hooks``, parameters excluded) and
-peak memory (CUDA: ``max_memory_allocated``; CPU: peak RSS of a fresh worker process per
+activation bytes saved for backward (``saved_tensors_hooks``, parameters excluded; the
+classic code keeps its tensors as ``ctx`` attributes, which hooks cannot see, so it
+shows 0) and peak memory (CUDA: ``max_memory_allocated``; CPU: peak RSS of a fresh worker process per
 configuration, VmHWM after fwd+bwd minus VmRSS just before the forward, with
-``MALLOC_MMAP_THRESHOLD_=131072``). CPU memory workers run before this process imports
+``MALLOC_MMAP_THRESHOLD_=131072``; gradients start as ``None``, as
+``optimizer.zero_grad()`` leaves them, so the peak includes the new parameter
+gradients, shown in the last column). CPU memory workers run before this process imports
 torch, so none inherits its peak RSS.
 
 Writes ``bench.json`` and ``bench.png`` (time ratio and memory vs depth) to ``--out``.
@@ -43,11 +46,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
-    parser.add_argument("--repeats", type=int, default=7, help="timed fwd+bwd per method and depth (after 2 warm-up)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed fwd+bwd per method and depth (after 2 warm-up)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--classic", default=str(DEFAULT_CLASSIC), help="path of the classic reversible.py ('' to skip)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory workers")
     parser.add_argument("--out", default="bench_out", help="folder for bench.json and bench.png")
+    parser.add_argument("--drift", action="store_true",
+                        help="instead: reconstruction drift by dtype and depth, and bf16 autocast gradient error")
     parser.add_argument("--worker", nargs=2, metavar=("METHOD", "DEPTH"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -151,17 +156,30 @@ def worker(args) -> None:
 
 
 def peak_memory(args, argv) -> dict:
-    """``{(method, depth): bytes}`` from one fresh worker process per configuration."""
+    """``{(method, depth): bytes}`` from one fresh worker process per configuration.
+
+    Two workers run at a time: peak RSS is per process, so they do not disturb each
+    other's figures (only their speed, which is not measured here).
+    """
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", PYTHONUNBUFFERED="1")
-    peaks = {}
-    for depth in args.depths:
-        for method in methods(args):
-            cmd = [sys.executable, "-m", "revfunc.bench", *argv, "--worker", method, str(depth)]
-            out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-            if out.returncode != 0:
-                raise RuntimeError(f"revfunc.bench: memory worker {method} depth {depth} failed:\n{out.stderr}")
-            peaks[method, depth] = json.loads(out.stdout.strip().splitlines()[-1])["peak_bytes"]
-            print(f"  memory  depth {depth:3d}  {method:10s} {peaks[method, depth] / 2**20:8.1f} MiB", flush=True)
+    configs = [(method, depth) for depth in args.depths for method in methods(args)]
+    running, peaks = [], {}
+
+    def collect(method, depth, process):
+        stdout, stderr = process.communicate()
+        if process.returncode != 0:
+            raise RuntimeError(f"revfunc.bench: memory worker {method} depth {depth} failed:\n{stderr}")
+        peaks[method, depth] = json.loads(stdout.strip().splitlines()[-1])["peak_bytes"]
+        print(f"  memory  depth {depth:3d}  {method:10s} {peaks[method, depth] / 2**20:8.1f} MiB", flush=True)
+
+    for method, depth in configs:
+        cmd = [sys.executable, "-m", "revfunc.bench", *argv, "--worker", method, str(depth)]
+        running.append((method, depth, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
+                                                        stderr=subprocess.PIPE, text=True)))
+        if len(running) == 2:
+            collect(*running.pop(0))
+    for item in running:
+        collect(*item)
     return peaks
 
 
@@ -188,9 +206,10 @@ def timings(args) -> tuple:
     import torch
 
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    times, saved = {}, {}
+    times, saved, grads = {}, {}, {}
     for depth in args.depths:
         built = {m: build(args, m, depth) for m in methods(args)}
+        grads[depth] = sum(p.numel() * p.element_size() for p in built["plain"][0].parameters())
         for m, (model, x) in built.items():
             saved[m, depth] = saved_bytes(model, x)
         samples = {m: [] for m in built}
@@ -209,13 +228,13 @@ def timings(args) -> tuple:
         plain = times["plain", depth]
         line = "  ".join(f"{m} {times[m, depth] / plain:5.2f}x" for m in built)
         print(f"  time    depth {depth:3d}  plain {plain * 1e3:7.1f} ms  {line}", flush=True)
-    return times, saved
+    return times, saved, grads
 
 
 # ----------------------------------------------------------------------------- report
 
 
-def report(args, times, saved, peaks) -> dict:
+def report(args, times, saved, grads, peaks) -> dict:
     rows = []
     for depth in args.depths:
         for m in methods(args):
@@ -228,12 +247,16 @@ def report(args, times, saved, peaks) -> dict:
                 "saved_ratio": saved[m, depth] / saved["plain", depth],
                 "peak_bytes": peaks.get((m, depth)),
                 "peak_ratio": (peaks[m, depth] / peaks["plain", depth]) if peaks and peaks["plain", depth] else None,
+                "grad_bytes": grads[depth],
             })
-    header = f"{'depth':>5}  {'method':10s} {'time':>8} {'saved MiB':>10} {'saved':>7} {'peak MiB':>9} {'peak':>7}"
+    header = (f"{'depth':>5}  {'method':10s} {'time':>8} {'saved MiB':>10} {'saved':>7} {'peak MiB':>9} {'peak':>7}"
+              f" {'of which grads':>15}")
     print("\n" + header)
     print("-" * len(header))
     for row in rows:
-        peak = "" if row["peak_bytes"] is None else f"{row['peak_bytes'] / 2**20:9.1f} {row['peak_ratio']:6.3f}x"
+        ratio = "n/a" if row["peak_ratio"] is None else f"{row['peak_ratio']:6.3f}x"
+        peak = "" if row["peak_bytes"] is None else (f"{row['peak_bytes'] / 2**20:9.1f} {ratio:>7} "
+                                                      f"{row['grad_bytes'] / 2**20:11.1f} MiB")
         print(f"{row['depth']:5d}  {row['method']:10s} {row['time_ratio']:7.3f}x {row['saved_bytes'] / 2**20:10.2f} "
               f"{row['saved_ratio']:6.3f}x {peak}")
     return {"config": {k: v for k, v in vars(args).items() if k != "worker"}, "rows": rows}
@@ -260,6 +283,11 @@ def plot(result: dict, path: pathlib.Path) -> bool:
             pts = [(r["depth"], r[key]) for r in rows if r["method"] == name and r[key] is not None]
             scale = 1.0 if key == "time_ratio" else 2**-20
             ax.plot([d for d, _ in pts], [v * scale for _, v in pts], marker="o", label=name)
+        if key == "peak_bytes":
+            depths = sorted({r["depth"] for r in rows})
+            grads = {r["depth"]: r["grad_bytes"] for r in rows}
+            ax.plot(depths, [grads[d] * scale for d in depths], "k--", label="parameter gradients")
+            ax.legend()
         ax.set_xlabel("depth (blocks)")
         ax.set_ylabel(label)
         ax.set_xscale("log", base=2)
@@ -274,6 +302,54 @@ def plot(result: dict, path: pathlib.Path) -> bool:
     return True
 
 
+def drift(args) -> dict:
+    """Reconstruction drift by dtype and depth, and bf16 autocast gradient error vs k.
+
+    Drift: max over blocks of :func:`revfunc.reconstruction_error` on the benchmark's
+    blocks with weights and inputs in each dtype. Gradients: relative norm error of all
+    parameter gradients under ``torch.autocast(dtype=bfloat16)`` against plain autograd
+    (``sequential_sequence``) under the same autocast, for ``checkpoint_every`` k.
+    """
+    import torch
+
+    import revfunc
+    from revfunc.testing.blocks import transformer_layers
+
+    dim, batch, seq = args.dim, args.batch, args.seq
+    result = {"drift": [], "autocast": []}
+    print(f"reconstruction drift (max relative error of rebuilt block inputs), d={dim}, {batch}x{seq} tokens")
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for depth in (1, 8, 64):
+            torch.manual_seed(0)
+            layers = transformer_layers(depth, dim, heads=args.heads).to(device=args.device, dtype=dtype)
+            blocks, params = revfunc.pure_blocks(layers)
+            x = torch.randn(batch, seq, dim, device=args.device, dtype=dtype)
+            errors = revfunc.reconstruction_error(blocks, params, x, x.clone())
+            result["drift"].append({"dtype": str(dtype), "depth": depth, "max_error": max(errors)})
+            print(f"  {str(dtype):15s} depth {depth:3d}  max error {max(errors):.3g}", flush=True)
+
+    torch.manual_seed(0)
+    depth = 8
+    layers = transformer_layers(depth, dim, heads=args.heads).to(args.device)
+    blocks, params = revfunc.pure_blocks(layers)
+    x = torch.randn(batch, seq, dim, device=args.device)
+    flat = [t for pair in params for p in pair for t in p.values()]
+
+    def grads(fn, **options):
+        with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16):
+            y1, y2 = fn(blocks, params, x, x.clone(), **options)
+        return torch.cat([g.flatten() for g in torch.autograd.grad((y1 + y2).float().pow(2).mean(), flat)])
+
+    ref = grads(revfunc.sequential_sequence)
+    print(f"bf16 autocast, depth {depth}: parameter-gradient error vs plain autograd under the same autocast")
+    for k in (None, 4, 2, 1):
+        err = ((grads(revfunc.reversible_sequence, checkpoint_every=k) - ref).norm() / ref.norm()).item()
+        saved = 2 + 2 * len(range(k, depth, k)) if k else 2
+        result["autocast"].append({"checkpoint_every": k, "grad_error": err, "saved_stream_tensors": saved})
+        print(f"  checkpoint_every={str(k):4s}  rel error {err:.3g}  stream tensors saved {saved}", flush=True)
+    return result
+
+
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -282,6 +358,11 @@ def main(argv=None) -> dict:
         return {}
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.drift:
+        result = drift(args)
+        (out / "drift.json").write_text(json.dumps(result, indent=2))
+        print(f"\nwrote {out / 'drift.json'}")
+        return result
     print(f"revfunc.bench: depths {args.depths}, d={args.dim}, seq={args.seq}, batch={args.batch}, "
           f"{args.dtype} on {args.device}; methods {methods(args)}", flush=True)
     peaks = {}
@@ -291,11 +372,10 @@ def main(argv=None) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    times, saved = timings(args)
-    result = report(args, times, saved, peaks)
+    times, saved, grads = timings(args)
+    result = report(args, times, saved, grads, peaks)
     result["machine"] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                          "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
-    result["rows"] = [{**r} for r in result["rows"]]
     (out / "bench.json").write_text(json.dumps(result, indent=2))
     wrote_plot = plot(result, out / "bench.png")
     print(f"\nwrote {out / 'bench.json'}" + (f" and {out / 'bench.png'}" if wrote_plot else ""))

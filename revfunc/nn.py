@@ -41,6 +41,19 @@ def _reject_stateful(where: str, module: nn.Module, prefix: str) -> None:
             )
 
 
+def _reject_unseeded_dropout(module: nn.Module) -> None:
+    """Inside torch.compile no seed is drawn without a generator, so the recomputation
+    could not replay active dropout: refuse rather than return wrong gradients."""
+    for name, sub in module.named_modules():
+        if isinstance(sub, nn.modules.dropout._DropoutNd) and sub.training and sub.p > 0:
+            raise RuntimeError(
+                f"revfunc.nn.ReversibleSequence: submodule {name!r} ({type(sub).__name__}, p={sub.p}) is active "
+                "inside torch.compile without a generator, and its masks could not be replayed in backward. "
+                "Pass generator=torch.Generator() to forward (the seed draw then breaks the graph), or call "
+                ".eval() / set p=0 for a fullgraph compile."
+            )
+
+
 class _Branch(nn.Module):
     """Holds one branch module as ``.net`` (the classic ``Deterministic`` key layout)."""
 
@@ -137,6 +150,8 @@ class ReversibleSequence(nn.Module):
         _reject_stateful(where, self.blocks, "blocks")
 
     def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None, **kwargs: Any) -> torch.Tensor:
+        if generator is None and torch.compiler.is_compiling():
+            _reject_unseeded_dropout(self)
         routed = route_args(self.args_route, kwargs, len(self.blocks))
         keep = _kept_layers(self, len(self.blocks), generator)
         fns, params = zip(*(self.blocks[i].pure() for i in keep))

@@ -178,3 +178,11 @@ def test_compile_with_generator_randomness_matches_eager():
     step(x, torch.Generator().manual_seed(1)).backward()
     for a, p in zip(got, model.parameters()):
         torch.testing.assert_close(a, p.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_compiled_dropout_without_generator_is_refused_not_silently_wrong():
+    torch._dynamo.reset()
+    model = rnn.ReversibleSequence(transformer_layers(1, 8, heads=2, dropout=0.1))
+    with pytest.raises(Exception, match=r"submodule 'blocks.0.f.net.dropout' \(Dropout, p=0.1\) is active inside "
+                                        r"torch.compile without a generator"):
+        torch.compile(model, backend="eager", fullgraph=True)(torch.randn(1, 3, 8))

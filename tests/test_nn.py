@@ -148,25 +148,29 @@ def test_container_errors_name_the_argument():
 
 
 def _ddp_worker(rank, world, init_file, find_unused, out_dir):
-    import torch.distributed as dist
+    import faulthandler
     from datetime import timedelta
+
+    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    faulthandler.dump_traceback_later(60, exit=True)  # a hang shows where, then ends the worker
     torch.set_num_threads(1)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # stay on loopback
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
-    try:
-        model = _ddp_model()
-        ddp = DDP(model, find_unused_parameters=find_unused)
-        x, mask = _ddp_batch()
-        half = x.shape[0] // world
-        sl = slice(rank * half, (rank + 1) * half)
-        ddp(x[sl], mask=mask[sl], generator=torch.Generator().manual_seed(rank)).pow(2).mean().backward()
-        if rank == 0:
-            torch.save({n: p.grad for n, p in model.named_parameters()}, os.path.join(out_dir, "grads.pt"))
-    finally:
-        dist.destroy_process_group()
+    model = _ddp_model()
+    ddp = DDP(model, find_unused_parameters=find_unused)
+    x, mask = _ddp_batch()
+    half = x.shape[0] // world
+    sl = slice(rank * half, (rank + 1) * half)
+    ddp(x[sl], mask=mask[sl], generator=torch.Generator().manual_seed(rank)).pow(2).mean().backward()
+    if rank == 0:
+        torch.save({n: p.grad for n, p in model.named_parameters()}, os.path.join(out_dir, "grads.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+    # Skip interpreter teardown: gloo's background threads can stall it after the work is done.
+    os._exit(0)
 
 
 def _ddp_model():
