@@ -20,7 +20,7 @@ tensor count.
 from __future__ import annotations
 
 import sys
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 

@@ -9,7 +9,8 @@ inputs, in one process and interleaved:
 - ``revfunc``: :class:`revfunc.nn.ReversibleSequence`.
 
 Every method computes ``(y1, y2)`` from ``(x, x)`` and returns ``y1 + y2``, as the
-classic container does. Reported per depth: median fwd+bwd time ratio to plain,
+classic container does. Reported per depth: fwd+bwd time ratio to plain (median over rounds of the ratio
+within a round; methods run in rotated order each round),
 activation bytes saved for backward (``saved_tensors_hooks``, parameters excluded; the
 classic code keeps its tensors as ``ctx`` attributes, which hooks cannot see, so it
 shows 0) and peak memory (CUDA: ``max_memory_allocated``; CPU: peak RSS of a fresh worker process per
@@ -46,7 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
-    parser.add_argument("--repeats", type=int, default=5, help="timed fwd+bwd per method and depth (after 2 warm-up)")
+    parser.add_argument("--repeats", type=int, default=7, help="timed fwd+bwd per method and depth (after 2 warm-up)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--classic", default=str(DEFAULT_CLASSIC), help="path of the classic reversible.py ('' to skip)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory workers")
@@ -202,19 +203,22 @@ def saved_bytes(model, x) -> int:
 
 
 def timings(args) -> tuple:
-    """Median fwd+bwd seconds and saved bytes per (method, depth), methods interleaved."""
+    """Median fwd+bwd seconds, median per-round time ratio to plain, saved bytes and
+    parameter bytes per (method, depth); methods interleaved, their order rotated."""
     import torch
 
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
-    times, saved, grads = {}, {}, {}
+    times, ratios, saved, grads = {}, {}, {}, {}
     for depth in args.depths:
         built = {m: build(args, m, depth) for m in methods(args)}
         grads[depth] = sum(p.numel() * p.element_size() for p in built["plain"][0].parameters())
         for m, (model, x) in built.items():
             saved[m, depth] = saved_bytes(model, x)
         samples = {m: [] for m in built}
+        names = list(built)
         for r in range(args.repeats + 2):
-            for m, (model, x) in built.items():
+            for m in names[r % len(names):] + names[:r % len(names)]:  # rotate: no method always last
+                model, x = built[m]
                 model.zero_grad(set_to_none=True)
                 x.grad = None
                 sync()
@@ -224,17 +228,20 @@ def timings(args) -> tuple:
                 if r >= 2:
                     samples[m].append(time.perf_counter() - start)
         for m in built:
+            # Ratio to plain within each round, then the median over rounds: adjacent runs
+            # share the machine's state, so slow drifts in its speed cancel out.
             times[m, depth] = statistics.median(samples[m])
+            ratios[m, depth] = statistics.median(t / p for t, p in zip(samples[m], samples["plain"]))
         plain = times["plain", depth]
-        line = "  ".join(f"{m} {times[m, depth] / plain:5.2f}x" for m in built)
+        line = "  ".join(f"{m} {ratios[m, depth]:5.2f}x" for m in built)
         print(f"  time    depth {depth:3d}  plain {plain * 1e3:7.1f} ms  {line}", flush=True)
-    return times, saved, grads
+    return times, ratios, saved, grads
 
 
 # ----------------------------------------------------------------------------- report
 
 
-def report(args, times, saved, grads, peaks) -> dict:
+def report(args, times, ratios, saved, grads, peaks) -> dict:
     rows = []
     for depth in args.depths:
         for m in methods(args):
@@ -242,7 +249,7 @@ def report(args, times, saved, grads, peaks) -> dict:
                 "depth": depth,
                 "method": m,
                 "seconds": times[m, depth],
-                "time_ratio": times[m, depth] / times["plain", depth],
+                "time_ratio": ratios[m, depth],
                 "saved_bytes": saved[m, depth],
                 "saved_ratio": saved[m, depth] / saved["plain", depth],
                 "peak_bytes": peaks.get((m, depth)),
@@ -372,8 +379,8 @@ def main(argv=None) -> dict:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    times, saved, grads = timings(args)
-    result = report(args, times, saved, grads, peaks)
+    times, ratios, saved, grads = timings(args)
+    result = report(args, times, ratios, saved, grads, peaks)
     result["machine"] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
                          "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
     (out / "bench.json").write_text(json.dumps(result, indent=2))

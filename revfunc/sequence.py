@@ -8,7 +8,7 @@ A stack applies blocks ``(f_i, g_i)``, ``i = 0..L-1``, in order:
 from __future__ import annotations
 
 import itertools
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 

@@ -6,7 +6,6 @@ import pytest
 import torch
 from hypothesis import given
 
-import revfunc
 from helpers import make_pure_stack, inputs
 from revfunc.testing import assert_gradients_match, assert_invertible
 from revfunc.testing import strategies as rst

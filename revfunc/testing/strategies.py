@@ -14,7 +14,7 @@ Strategies draw small integers (dims, depth, seeds); tensors come from a seeded
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 
 try:
     from hypothesis import strategies as st
