@@ -102,8 +102,8 @@ def _replay(autocast, fn, params, x, kwargs, seed):
 def _branch_vjp(fn, b, tensors, needs, x, cotangent, seed, eager, autocast):
     """``fn``'s output at ``x`` and the vjp of ``cotangent`` w.r.t. (params, kwargs, x).
 
-    Returns ``(out, param_grads, kwarg_grads, x_grad)`` with grads as
-    ``{flat_slot: tensor}`` for the flat tensors that need a gradient.
+    Returns ``(out, grads, x_grad)`` with ``grads`` as ``{flat_slot: tensor}`` for the
+    flat tensors (params and kwargs) that need a gradient.
     """
     param_slots, diff_slots, other_slots, static = b
     diff_p, fixed_p = {}, {}
@@ -134,11 +134,16 @@ def _branch_vjp(fn, b, tensors, needs, x, cotangent, seed, eager, autocast):
 def _autograd_vjp(fn, fixed_p, diff_p, fixed_k, diff_k, x, cotangent, seed, autocast):
     """The same vjp with ``torch.autograd.grad`` (plain eager first-order backward only).
 
-    The tensors in ``diff_p``/``diff_k`` are the caller's, as saved: the recomputation's
-    graph reaches them directly (no ``functional_call`` swap when they are a module's
-    live parameters), and ``autograd.grad`` returns their gradients without touching
-    ``.grad``.
+    The parameters in ``diff_p`` are the caller's, as saved: the recomputation's graph
+    reaches them directly (no ``functional_call`` swap when they are a module's live
+    parameters), and ``autograd.grad`` returns their gradients without touching
+    ``.grad``; parameters with tensor hooks are aliased so the hooks run once.
     """
+    # Tensor hooks would fire on this inner gradient and again when autograd hands the
+    # returned one to the caller: differentiate through fresh aliases in that case.
+    if any(getattr(t, "_backward_hooks", None) for t in diff_p.values()):
+        diff_p = {name: t.detach().requires_grad_() for name, t in diff_p.items()}
+    diff_k = {name: t.detach().requires_grad_() for name, t in diff_k.items()}
     with torch.enable_grad():
         xin = x.detach().requires_grad_()
         out = _replay(autocast, fn, {**fixed_p, **diff_p}, xin, {**fixed_k, **diff_k}, seed)

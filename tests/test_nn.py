@@ -207,3 +207,17 @@ def test_ddp_gradients_equal_a_single_process_run_over_the_whole_batch(find_unus
     want = named_grads(model, loss)
     assert list(got) == list(want)
     assert_all_close(list(got.values()), list(want.values()), rtol=1e-10)
+
+
+def test_parameter_hooks_run_once_and_see_the_true_gradient():
+    _, new = transformer_pair()
+    x, mask = batch()
+    weight = new.blocks[1].g.net.net[1].weight
+    seen = []
+    weight.register_hook(lambda grad: seen.append(grad.clone()) or grad * 2)
+    new(x, mask=mask).pow(2).sum().backward()
+    got = weight.grad.clone()
+    assert len(seen) == 1
+    want = torch.autograd.grad(sequential_reference(new, x, mask).pow(2).sum(), weight)[0]
+    assert len(seen) == 2  # the reference ran the hook once too
+    assert_all_close([seen[0], got], [want / 2, want], rtol=1e-10)
