@@ -133,8 +133,8 @@ def pure_blocks(layers: Iterable[Any]) -> Tuple[List[Block], List[Tuple[Dict[str
     """
     blocks, params = [], []
     for i, pair in enumerate(layers):
-        pair = list(pair) if not isinstance(pair, (list, tuple)) else pair
-        if len(pair) != 2 or not all(isinstance(m, nn.Module) for m in pair):
+        pair = list(pair) if isinstance(pair, (nn.ModuleList, nn.Sequential)) else pair
+        if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(isinstance(m, nn.Module) for m in pair):
             raise TypeError(_checks.msg("revfunc.pure_blocks", f"layers[{i}]",
                                         "a pair (f_module, g_module) of nn.Modules", _checks.describe(pair)))
         (f, fp), (g, gp) = pure(pair[0]), pure(pair[1])

@@ -149,15 +149,6 @@ def test_round_trip(depth):
     assert_all_close([z1, z2], [x1, x2], rtol=1e-10, atol=1e-10)
 
 
-def test_coupling_and_inverse_single_block():
-    blocks, params = make_pure_stack(1)
-    (f, g), (fp, gp) = blocks[0], params[0]
-    x1, x2 = inputs((2, 5), requires_grad=False)
-    y1, y2 = revfunc.coupling(f, g, fp, gp, x1, x2)
-    assert_all_close([y1, y2], list(reference_loop(blocks, params, x1, x2)), rtol=RTOL)
-    assert_all_close(list(revfunc.coupling_inverse(f, g, fp, gp, y1, y2)), [x1, x2], rtol=RTOL, atol=1e-12)
-
-
 def activation_bytes(fn, depth):
     _, blocks, params = make_stack(depth, dim=16, hidden=32)
     x1, x2 = inputs((8, 16))
