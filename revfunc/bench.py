@@ -354,6 +354,20 @@ def drift(args) -> dict:
         saved = 2 + 2 * len(range(k, depth, k)) if k else 2
         result["autocast"].append({"checkpoint_every": k, "grad_error": err, "saved_stream_tensors": saved})
         print(f"  checkpoint_every={str(k):4s}  rel error {err:.3g}  stream tensors saved {saved}", flush=True)
+    if "classic" in methods(args):  # recomputes outside autocast: same model, same loss
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("classic_reversible", args.classic)
+        classic = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(classic)
+        model = classic.ReversibleSequence(layers)
+        with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16):
+            y = model(x.clone().requires_grad_())
+        y.float().pow(2).mean().backward()
+        got = torch.cat([t.grad.flatten() for t in flat])
+        err = ((got - ref).norm() / ref.norm()).item()
+        result["classic_autocast_grad_error"] = err
+        print(f"  classic reversible.py  rel error {err:.3g}", flush=True)
     return result
 
 

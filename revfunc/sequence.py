@@ -76,7 +76,7 @@ def _reject_forward_mode(where: str, tensors: Sequence[torch.Tensor]) -> None:
         )
 
 
-def _flatten(where, blocks, params, kwargs):
+def _flatten(blocks, params, kwargs):
     """Flat tensor list (each tensor once, by identity) and per-branch binds."""
     slots: Dict[int, int] = {}
     tensors: List[torch.Tensor] = []
@@ -116,7 +116,7 @@ def _autocast_state(device_type: str) -> Tuple[str, torch.dtype, bool]:
 
 def make_plan(where, blocks, params, kwargs, generator, x1, x2, checkpoint_every=None, reverse_mode_only=False):
     """Flatten the call's tensors and fix its seeds and autocast state in a :class:`Plan`."""
-    tensors, binds = _flatten(where, blocks, params, kwargs)
+    tensors, binds = _flatten(blocks, params, kwargs)
     if reverse_mode_only:
         _reject_forward_mode(where, (x1, x2, *tensors))
     plan = Plan(where, tuple(tuple(b) for b in blocks), tuple(binds), _resolve_seeds(generator, len(blocks)),
