@@ -221,3 +221,15 @@ def test_parameter_hooks_run_once_and_see_the_true_gradient():
     want = torch.autograd.grad(sequential_reference(new, x, mask).pow(2).sum(), weight)[0]
     assert len(seen) == 2  # the reference ran the hook once too
     assert_all_close([seen[0], got], [want / 2, want], rtol=1e-10)
+
+
+def test_sequential_sequence_generator_reproduces_and_leaves_global_rng_alone():
+    torch.manual_seed(0)
+    seq = rnn.SequentialSequence(transformer_layers(2, 8, heads=2, dropout=0.5).double())
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
+    before = torch.get_rng_state()
+    a = seq(x, generator=torch.Generator().manual_seed(1))
+    b = seq(x, generator=torch.Generator().manual_seed(1))
+    c = seq(x, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(before, torch.get_rng_state())
+    assert torch.equal(a, b) and not torch.equal(a, c)
