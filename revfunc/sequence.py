@@ -196,14 +196,20 @@ def reversible_sequence(
     return out[0], out[1]
 
 
+def _apply_block(plan: Plan, i: int, tensors, a1, a2, step):
+    """Block i's ``couple`` or ``uncouple`` step with its params, kwargs and child seeds."""
+    f, g = plan.blocks[i]
+    (fp, fk), (gp, gk) = bind(plan.binds[i][0], tensors), bind(plan.binds[i][1], tensors)
+    return step(f, g, fp, gp, a1, a2, fk, gk, plan.seed(i, 0), plan.seed(i, 1))
+
+
 def _run_plain(plan: Plan, x1, x2, tensors, record: bool = False):
     """Plain forward of a plan; with ``record``, also the list of every block input."""
     inputs = []
-    for i, (f, g) in enumerate(plan.blocks):
+    for i in range(len(plan.blocks)):
         if record:
             inputs.append((x1, x2))
-        (fp, fk), (gp, gk) = bind(plan.binds[i][0], tensors), bind(plan.binds[i][1], tensors)
-        x1, x2 = couple(f, g, fp, gp, x1, x2, fk, gk, plan.seed(i, 0), plan.seed(i, 1))
+        x1, x2 = _apply_block(plan, i, tensors, x1, x2, couple)
     return x1, x2, inputs
 
 
@@ -219,9 +225,7 @@ def rebuilt_inputs(plan: Plan, x1, x2, tensors):
         for i in range(len(plan.blocks) - 1, -1, -1):
             if i + 1 in exact:
                 y1, y2 = inputs[i + 1]
-            f, g = plan.blocks[i]
-            (fp, fk), (gp, gk) = bind(plan.binds[i][0], tensors), bind(plan.binds[i][1], tensors)
-            y1, y2 = uncouple(f, g, fp, gp, y1, y2, fk, gk, plan.seed(i, 0), plan.seed(i, 1))
+            y1, y2 = _apply_block(plan, i, tensors, y1, y2, uncouple)
             yield i, (y1, y2), inputs[i]
 
 
@@ -304,9 +308,7 @@ def reversible_inverse(
     _validate(where, blocks, params, y1, y2, kwargs, generator, names=("y1", "y2"))
     plan, tensors = make_plan(where, blocks, params, kwargs, generator, y1, y2)
     for i in range(len(plan.blocks) - 1, -1, -1):
-        f, g = plan.blocks[i]
-        (fp, fk), (gp, gk) = bind(plan.binds[i][0], tensors), bind(plan.binds[i][1], tensors)
-        y1, y2 = uncouple(f, g, fp, gp, y1, y2, fk, gk, plan.seed(i, 0), plan.seed(i, 1))
+        y1, y2 = _apply_block(plan, i, tensors, y1, y2, uncouple)
     return y1, y2
 
 
