@@ -113,20 +113,14 @@ def assert_invertible(
 def _named_leaves(params: BlockParams, kwargs: Optional[BlockKwargs]) -> Tuple[List[str], List[torch.Tensor]]:
     """Names and tensors to differentiate: every floating param and kwarg tensor, once."""
     names, tensors, seen = [], [], set()
-    for i, pair in enumerate(params):
-        for branch, p in zip("fg", pair):
-            for key, t in p.items():
-                if t.is_floating_point() and id(t) not in seen:
-                    seen.add(id(t))
-                    names.append(f"params[{i}] ({branch}) {key!r}")
-                    tensors.append(t)
-    for i, pair in enumerate(kwargs or ()):
-        for branch, k in zip("fg", pair):
-            for key, t in k.items():
-                if isinstance(t, torch.Tensor) and t.is_floating_point() and id(t) not in seen:
-                    seen.add(id(t))
-                    names.append(f"kwargs[{i}] ({branch}) {key!r}")
-                    tensors.append(t)
+    for label, pairs in (("params", params), ("kwargs", kwargs or ())):
+        for i, pair in enumerate(pairs):
+            for branch, d in zip("fg", pair):
+                for key, t in d.items():
+                    if isinstance(t, torch.Tensor) and t.is_floating_point() and id(t) not in seen:
+                        seen.add(id(t))
+                        names.append(f"{label}[{i}] ({branch}) {key!r}")
+                        tensors.append(t)
     return names, tensors
 
 
