@@ -1,11 +1,18 @@
 # Two commands do everything on a fresh machine: `make bench` and `make test`.
-# Each creates .venv and installs revfunc (torch first) if missing.
+# Each creates its virtual environments and installs revfunc (torch first) if missing.
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
+# The lowest torch in pyproject.toml's range: `make test` runs the composition, compile
+# and memory tests on it too.
+VENV_LOWEST ?= .venv-lowest
+TORCH_LOWEST ?= torch==2.11.0
+PY_LOWEST := $(VENV_LOWEST)/bin/python
+LOWEST_TESTS ?= tests/test_sequence.py tests/test_transforms.py tests/test_composition.py tests/test_nn.py \
+	tests/test_random.py tests/test_memory.py
 
-.PHONY: bench test venv clean
+.PHONY: bench test test-latest test-lowest venv venv-lowest clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -14,13 +21,27 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev,bench]"
 	touch $@
 
+$(VENV_LOWEST)/.installed: pyproject.toml
+	test -x $(PY_LOWEST) || $(PYTHON) -m venv $(VENV_LOWEST)
+	$(PY_LOWEST) -m pip install --quiet --upgrade pip
+	$(PY_LOWEST) -m pip install --quiet "$(TORCH_LOWEST)"
+	$(PY_LOWEST) -m pip install --quiet -e ".[dev]"
+	touch $@
+
 venv: $(VENV)/.installed
+
+venv-lowest: $(VENV_LOWEST)/.installed
 
 bench: venv
 	$(PY) -m revfunc.bench $(ARGS)
 
-test: venv
+test: test-latest test-lowest
+
+test-latest: venv
 	$(PY) -m pytest $(ARGS)
 
+test-lowest: venv-lowest
+	$(PY_LOWEST) -m pytest $(LOWEST_TESTS) $(ARGS)
+
 clean:
-	rm -rf $(VENV) bench_out .pytest_cache
+	rm -rf $(VENV) $(VENV_LOWEST) bench_out .pytest_cache

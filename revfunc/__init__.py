@@ -14,6 +14,7 @@ from revfunc.sequence import (
     reversible_sequence,
     sequential_sequence,
 )
+from revfunc.sweep import reversible_vjp
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,7 @@ __all__ = [
     "pure_blocks",
     "reversible_sequence",
     "reversible_inverse",
+    "reversible_vjp",
     "sequential_sequence",
     "reconstruction_error",
     "ReconstructionError",

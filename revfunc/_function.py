@@ -19,6 +19,7 @@ tensor count.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -42,12 +43,15 @@ class Plan:
         seeds: per block ``(f_seed, g_seed)`` child seeds, or ``None`` (run as is).
         exact: sorted state indices ``j`` (input of block ``j``) kept exactly.
         autocast: ``(device_type, dtype, enabled)`` at forward, replayed in backward.
+        higher_order: record the backward's recomputation at every ``torch.func`` level
+            (see :func:`revfunc.reversible_sequence`).
     """
 
-    __slots__ = ("where", "blocks", "binds", "seeds", "exact", "autocast")
+    __slots__ = ("where", "blocks", "binds", "seeds", "exact", "autocast", "higher_order")
 
-    def __init__(self, where, blocks, binds, seeds, exact, autocast):
+    def __init__(self, where, blocks, binds, seeds, exact, autocast, higher_order=False):
         self.where = where
+        self.higher_order = higher_order
         self.blocks = blocks
         self.binds = binds
         self.seeds = seeds
@@ -99,61 +103,64 @@ def _replay(autocast, fn, params, x, kwargs, seed):
         return call_branch(fn, params, x, kwargs, seed)
 
 
+def _diff_slots(b: Bind, tensors: Sequence[torch.Tensor], needs: Sequence[bool]) -> Tuple[int, ...]:
+    """The flat slots one branch call differentiates: each tensor once, however many names
+    (or both params and kwargs) refer to it, so tied tensors sum their gradient terms."""
+    param_slots, diff_slots, _, _ = b
+    slots = dict.fromkeys(j for _, j in param_slots + diff_slots if needs[j] and tensors[j].is_floating_point())
+    return tuple(slots)
+
+
+def _bind_with(b: Bind, tensors: Sequence[torch.Tensor], replaced: Dict[int, torch.Tensor]):
+    """:func:`bind` with the tensors of some slots replaced (the differentiated inputs)."""
+    if not replaced:
+        return bind(b, tensors)
+    return bind(b, [replaced.get(j, t) for j, t in enumerate(tensors)])
+
+
 def _branch_vjp(fn, b, tensors, needs, x, cotangent, seed, eager, autocast):
-    """``fn``'s output at ``x`` and the vjp of ``cotangent`` w.r.t. (params, kwargs, x).
+    """``fn``'s output at ``x`` and the vjp of ``cotangent`` w.r.t. (its flat slots, x).
 
     Returns ``(out, grads, x_grad)`` with ``grads`` as ``{flat_slot: tensor}`` for the
-    flat tensors (params and kwargs) that need a gradient.
+    flat tensors (params and kwargs) that need a gradient. Gradients are taken per slot,
+    so a tensor bound under several names gets the sum of its terms.
     """
-    param_slots, diff_slots, other_slots, static = b
-    diff_p, fixed_p = {}, {}
-    for name, j in param_slots:
-        (diff_p if needs[j] and tensors[j].is_floating_point() else fixed_p)[name] = tensors[j]
-    diff_k, fixed_k = {}, dict(static)
-    for name, j in diff_slots:
-        (diff_k if needs[j] else fixed_k)[name] = tensors[j]
-    for name, j in other_slots:
-        fixed_k[name] = tensors[j]
-
-    slot_p = dict(param_slots)
-    slot_k = dict(diff_slots)
+    slots = _diff_slots(b, tensors, needs)
     if eager:
-        out, gp, gk, gx = _autograd_vjp(fn, fixed_p, diff_p, fixed_k, diff_k, x, cotangent, seed, autocast)
-    else:
-        def call(p, k, inp):
-            return _replay(autocast, fn, {**fixed_p, **p}, inp, {**fixed_k, **k}, seed)
+        return _autograd_vjp(fn, b, tensors, slots, x, cotangent, seed, autocast)
 
-        out, vjp_fn = torch.func.vjp(call, diff_p, diff_k, x)
-        gp, gk, gx = vjp_fn(cotangent.to(out.dtype))
-    grads = {slot_p[name]: v for name, v in gp.items()}
-    for name, v in gk.items():
-        grads[slot_k[name]] = grads[slot_k[name]] + v if slot_k[name] in grads else v
-    return out, grads, gx
+    def call(diff, inp):
+        params, kwargs = _bind_with(b, tensors, dict(zip(slots, diff)))
+        return _replay(autocast, fn, params, inp, kwargs, seed)
+
+    out, vjp_fn = torch.func.vjp(call, tuple(tensors[j] for j in slots), x)
+    g_slots, gx = vjp_fn(cotangent.to(out.dtype))
+    return out, dict(zip(slots, g_slots)), gx
 
 
-def _autograd_vjp(fn, fixed_p, diff_p, fixed_k, diff_k, x, cotangent, seed, autocast):
-    """The same vjp with ``torch.autograd.grad`` (plain eager first-order backward only).
+def _autograd_vjp(fn, b, tensors, slots, x, cotangent, seed, autocast):
+    """The same vjp with ``torch.autograd.grad`` (no functorch level active, no graph kept).
 
-    The parameters in ``diff_p`` are the caller's, as saved: the recomputation's graph
+    Where possible the parameters are the caller's, as saved: the recomputation's graph
     reaches them directly (no ``functional_call`` swap when they are a module's live
     parameters), and ``autograd.grad`` returns their gradients without touching
-    ``.grad``; parameters with tensor hooks are aliased so the hooks run once.
+    ``.grad``. A tensor that does not require grad here (a ``torch.func`` input seen one
+    level down) or that has tensor hooks (which would fire twice) is differentiated
+    through a fresh alias instead.
     """
-    # Tensor hooks would fire on this inner gradient and again when autograd hands the
-    # returned one to the caller: differentiate through fresh aliases in that case.
-    if any(getattr(t, "_backward_hooks", None) for t in diff_p.values()):
-        diff_p = {name: t.detach().requires_grad_() for name, t in diff_p.items()}
-    diff_k = {name: t.detach().requires_grad_() for name, t in diff_k.items()}
+    replaced = {}
+    for j in slots:
+        t = tensors[j]
+        if not t.requires_grad or getattr(t, "_backward_hooks", None) or t.grad_fn is not None:
+            replaced[j] = t.detach().requires_grad_()
     with torch.enable_grad():
         xin = x.detach().requires_grad_()
-        out = _replay(autocast, fn, {**fixed_p, **diff_p}, xin, {**fixed_k, **diff_k}, seed)
-        inputs = (xin, *diff_p.values(), *diff_k.values())
+        params, kwargs = _bind_with(b, tensors, replaced)
+        out = _replay(autocast, fn, params, xin, kwargs, seed)
+        inputs = (xin, *(replaced.get(j, tensors[j]) for j in slots))
         grads = torch.autograd.grad(out, inputs, cotangent.to(out.dtype), allow_unused=True)
-    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(inputs, grads)]
-    n = len(diff_p)
-    gp = dict(zip(diff_p, grads[1:1 + n]))
-    gk = dict(zip(diff_k, grads[1 + n:]))
-    return out.detach(), gp, gk, grads[0]
+    gx = torch.zeros_like(x) if grads[0] is None else grads[0]
+    return out.detach(), {j: g for j, g in zip(slots, grads[1:]) if g is not None}, gx
 
 
 def run_backward(plan: Plan, dy1, dy2, saved: Sequence[torch.Tensor], needs: Sequence[bool]):
@@ -175,8 +182,9 @@ def run_backward(plan: Plan, dy1, dy2, saved: Sequence[torch.Tensor], needs: Seq
     dy1 = torch.zeros_like(y1) if dy1 is None else dy1
     dy2 = torch.zeros_like(y2) if dy2 is None else dy2
     grads: List[Optional[torch.Tensor]] = [None] * len(tensors)
-    # Plain first-order eager backward takes the cheaper torch.autograd.grad path; under
-    # create_graph (double backward), torch.func transforms or torch.compile, torch.func.vjp.
+    # With no graph to record and no functorch level active, the cheaper
+    # torch.autograd.grad path; otherwise (create_graph, a transform one level down,
+    # torch.compile) torch.func.vjp, which every transform and Dynamo can trace.
     eager = not (torch.is_grad_enabled() or torch.compiler.is_compiling()
                  or torch._C._functorch.peek_interpreter_stack() is not None)
     for i in range(len(plan.blocks) - 1, -1, -1):
@@ -187,15 +195,140 @@ def run_backward(plan: Plan, dy1, dy2, saved: Sequence[torch.Tensor], needs: Seq
                                          plan.autocast)
         a1 = dy1 + dy1_g
         x2 = exact[i][1] if i in exact else y2 - gy
+        del gy, dy1_g
         fx, f_grads, dx2_f = _branch_vjp(f, plan.binds[i][0], tensors, needs, x2, a1, plan.seed(i, 0), eager,
                                          plan.autocast)
         dy1, dy2 = a1, dy2 + dx2_f
+        del a1, dx2_f
         if i > 0 and i not in exact:
             y1, y2 = y1 - fx, x2
+        del fx, x2
         for block_grads in (g_grads, f_grads):
             for j, v in block_grads.items():
                 grads[j] = v if grads[j] is None else grads[j] + v
+        del g_grads, f_grads
     return dy1, dy2, grads
+
+
+_SAME_LEVEL = (
+    "{where}: the gradient it returned is being differentiated again at the same torch.func level "
+    "(e.g. torch.autograd.grad(..., create_graph=True) inside torch.func.grad, then a second gradient "
+    "of that). By default its backward records nothing there, to keep activation memory constant in "
+    "depth. Pass higher_order=True to record the recomputation (O(depth) memory), or nest transforms "
+    "instead (torch.func.grad(torch.func.grad(f)) and jacrev(jacrev(f)) work without it)."
+)
+
+
+def _current_grad_interpreter():
+    """The functorch ``grad``/``vjp`` interpreter on top of the stack, or ``None``."""
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is None:
+        return None
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
+
+    interpreter = retrieve_current_functorch_interpreter()
+    return interpreter if interpreter.key() == TransformType.Grad else None
+
+
+def _records_below() -> bool:
+    """Whether a functorch grad/jvp level below the current one will record our ops."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    if torch._C._functorch.peek_interpreter_stack() is None:
+        return False
+    return any(i.key() in (TransformType.Grad, TransformType.Jvp) for i in retrieve_all_functorch_interpreters())
+
+
+def _guard_at_level(level: int, results, anchors, message: str):
+    """Return ``results`` unchanged in value, attached at functorch ``level`` to a node whose
+    backward raises ``message``: differentiating them again at that level is an error, not
+    a silent zero. ``anchors`` are tensors of that level that require grad (so the node
+    attaches); the node saves nothing."""
+    from torch._C._functorch import _unwrap_for_grad, _wrap_for_grad
+    from torch._functorch.autograd_function import enable_single_level_autograd_function
+
+    n = len(results)
+
+    class NotTwiceAtThisLevel(torch.autograd.function._SingleLevelFunction):
+        @staticmethod
+        def forward(*ts):
+            return tuple(_wrap_for_grad(_unwrap_for_grad(t, level), level) for t in ts[:n])
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def backward(ctx, *grads):
+            raise RuntimeError(message)
+
+    with enable_single_level_autograd_function():
+        return NotTwiceAtThisLevel.apply(*results, *anchors)
+
+
+class _NotTwiceAtBase(torch.autograd.Function):
+    """Plain-autograd twin of :func:`_guard_at_level` (``results`` then ``anchors``)."""
+
+    @staticmethod
+    def forward(ctx, n, message, *ts):
+        ctx.message = message
+        return tuple(t.view_as(t) for t in ts[:n])
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(ctx.message)
+
+
+def _guarded(results, anchors, message, level=None):
+    """Guard the defined tensors of ``results`` (at ``level``, or plain autograd if None)."""
+    anchors = [a for a in anchors if a is not None and a.requires_grad]
+    index = [k for k, r in enumerate(results) if r is not None]
+    if not anchors or not index:
+        return results
+    defined = [results[k] for k in index]
+    if level is None:
+        out = _NotTwiceAtBase.apply(len(defined), message, *defined, *anchors)
+    else:
+        out = _guard_at_level(level, defined, anchors, message)
+    results = list(results)
+    for k, r in zip(index, out):
+        results[k] = r
+    return results
+
+
+def _backward_one_level_down(interpreter, plan: Plan, dy1, dy2, saved, needs):
+    """The backward walk for a ``torch.func`` grad level, recorded only below it.
+
+    ``torch.func.grad``/``vjp`` differentiate with ``create_graph=True`` and would record
+    every block's recomputation at their own level, keeping it alive through the returned
+    gradients (O(depth) memory). Here the saved tensors are unwrapped from that level and
+    the walk runs one level down, so outer transforms (``grad(grad)``, ``vmap(grad)``)
+    still see it, and the results are rewrapped. When no grad level is left below, the
+    walk also records nothing at base; results that base autograd could otherwise
+    differentiate get a node that raises (never a silent detach).
+    """
+    from torch._C._functorch import _unwrap_for_grad, _wrap_for_grad
+
+    level = interpreter.level()
+
+    def unwrap(t):
+        return None if t is None else _unwrap_for_grad(t, level)
+
+    saved_down = [unwrap(t) for t in saved]
+    message = _SAME_LEVEL.format(where=plan.where)
+    with interpreter.lower():
+        records = _records_below()
+        base_grad = torch.is_grad_enabled()
+        with contextlib.nullcontext() if records else torch.no_grad():
+            dx1, dx2, grads = run_backward(plan, unwrap(dy1), unwrap(dy2), saved_down, needs)
+        results = [dx1, dx2, *grads]
+        if not records and base_grad and torch._C._functorch.peek_interpreter_stack() is None:
+            results = _guarded(results, saved_down, message)
+    results = [None if r is None else _wrap_for_grad(r, level) for r in results]
+    if torch.is_grad_enabled():
+        results = _guarded(results, (dy1, dy2, *saved), message, level)
+    return results[0], results[1], results[2:]
 
 
 class _ReversibleBase(torch.autograd.Function):
@@ -211,7 +344,12 @@ class _ReversibleBase(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy1, dy2, *_boundary_grads):
         needs = ctx.needs_input_grad
-        dx1, dx2, grads = run_backward(ctx.plan, dy1, dy2, ctx.saved_tensors, needs[3:])
+        plan = ctx.plan
+        interpreter = None if plan.higher_order else _current_grad_interpreter()
+        if interpreter is not None:
+            dx1, dx2, grads = _backward_one_level_down(interpreter, plan, dy1, dy2, ctx.saved_tensors, needs[3:])
+        else:
+            dx1, dx2, grads = run_backward(plan, dy1, dy2, ctx.saved_tensors, needs[3:])
         return (None, dx1 if needs[1] else None, dx2 if needs[2] else None, *grads)
 
 

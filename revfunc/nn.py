@@ -165,11 +165,14 @@ class ReversibleSequence(nn.Module):
 class _LiveModule:
     """A module called with its own live parameters, in branch-function form."""
 
-    __slots__ = ("module", "accepts_generator")
+    __slots__ = ("module",)
 
     def __init__(self, module: nn.Module):
         self.module = module
-        self.accepts_generator = accepts_generator(module.forward)
+
+    @property
+    def accepts_generator(self) -> bool:
+        return accepts_generator(self.module.forward)
 
     def __call__(self, _params: Any, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         return self.module(x, **kwargs)
@@ -203,6 +206,10 @@ class SequentialSequence(nn.Module):
             f_kwargs, g_kwargs = routed[i]
             f_seed = None if base is None else derive_seed(base, n, 0)
             g_seed = None if base is None else derive_seed(base, n, 1)
-            x = x + call_branch(_LiveModule(f), None, x, f_kwargs, f_seed)
-            x = x + call_branch(_LiveModule(g), None, x, g_kwargs, g_seed)
+            if base is None:  # the global RNG as is: call the modules directly (Dynamo-friendly)
+                x = x + f(x, **f_kwargs)
+                x = x + g(x, **g_kwargs)
+            else:
+                x = x + call_branch(_LiveModule(f), None, x, f_kwargs, f_seed)
+                x = x + call_branch(_LiveModule(g), None, x, g_kwargs, g_seed)
         return x

@@ -20,8 +20,8 @@ random numbers as the forward, in train and in eval mode.
 from __future__ import annotations
 
 import contextlib
-import functools
 import inspect
+import weakref
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -125,7 +125,11 @@ def fork_and_seed(seed: int, device: torch.device | str = "cpu") -> Iterator[Non
             module.set_rng_state(accel_state, index)
 
 
-@functools.lru_cache(maxsize=4096)
+# Weak keys: a branch function (and whatever its closure captures) is never kept alive
+# by this cache.
+_DECLARES_GENERATOR: "weakref.WeakKeyDictionary[Callable, bool]" = weakref.WeakKeyDictionary()
+
+
 def _declares_generator(fn: Callable) -> bool:
     try:
         parameter = inspect.signature(fn).parameters.get("generator")
@@ -137,23 +141,25 @@ def _declares_generator(fn: Callable) -> bool:
     )
 
 
-@torch.compiler.assume_constant_result
 def accepts_generator(fn: Callable) -> bool:
     """Whether ``fn`` declares an explicit ``generator`` keyword parameter.
 
     ``**kwargs`` does not count: stock modules must never be handed an unexpected
     ``generator=``. Functions made by :func:`revfunc.pure` answer for their module's
-    ``forward``.
+    ``forward`` (their ``accepts_generator`` attribute, which Dynamo reads as a constant).
 
-    Pure: yes (cached per function).
+    Pure: yes (cached per function, weakly: the cache keeps nothing alive).
     """
     declared = getattr(fn, "accepts_generator", None)
     if isinstance(declared, bool):
         return declared
     try:
+        return _DECLARES_GENERATOR[fn]
+    except KeyError:
+        answer = _DECLARES_GENERATOR[fn] = _declares_generator(fn)
+        return answer
+    except TypeError:  # not weak-referenceable (e.g. a builtin): no cache
         return _declares_generator(fn)
-    except TypeError:  # unhashable callable
-        return _declares_generator.__wrapped__(fn)
 
 
 def call_branch(fn, params, x, kwargs, seed: Optional[int]):

@@ -49,7 +49,7 @@ def _resolve_seeds(generator: Optional[torch.Generator], depth: int) -> Optional
     return [(derive_seed(base, i, 0), derive_seed(base, i, 1)) for i in range(depth)]
 
 
-def _validate(where, blocks, params, x1, x2, kwargs, generator, names=("x1", "x2")):
+def validate(where, blocks, params, x1, x2, kwargs, generator, names=("x1", "x2")):
     _checks.check_blocks(where, blocks, params)
     _checks.check_stream_pair(where, x1, x2, names)
     _checks.check_params_device(where, params, x1.device)
@@ -76,12 +76,22 @@ def _reject_forward_mode(where: str, tensors: Sequence[torch.Tensor]) -> None:
         )
 
 
-def _flatten(blocks, params, kwargs):
-    """Flat tensor list (each tensor once, by identity) and per-branch binds."""
+def _flatten(blocks, params, kwargs, dedupe=True):
+    """Flat tensor list and per-branch binds.
+
+    In eager mode each tensor gets one slot (by identity), so a tied tensor is saved and
+    passed once. Under ``torch.compile`` every occurrence gets its own slot: Dynamo cannot
+    take ``id()`` of functorch-wrapped tensors, and autograd sums the gradients of a
+    tensor passed twice, so the result is the same.
+    """
+    dedupe = dedupe and not _under_compile()
     slots: Dict[int, int] = {}
     tensors: List[torch.Tensor] = []
 
     def slot(t: torch.Tensor) -> int:
+        if not dedupe:
+            tensors.append(t)
+            return len(tensors) - 1
         j = slots.get(id(t))
         if j is None:
             j = slots[id(t)] = len(tensors)
@@ -114,13 +124,14 @@ def _autocast_state(device_type: str) -> Tuple[str, torch.dtype, bool]:
     return device_type, torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type)
 
 
-def make_plan(where, blocks, params, kwargs, generator, x1, x2, checkpoint_every=None, reverse_mode_only=False):
+def make_plan(where, blocks, params, kwargs, generator, x1, x2, checkpoint_every=None, reverse_mode_only=False,
+              higher_order=False, dedupe=True):
     """Flatten the call's tensors and fix its seeds and autocast state in a :class:`Plan`."""
-    tensors, binds = _flatten(blocks, params, kwargs)
+    tensors, binds = _flatten(blocks, params, kwargs, dedupe)
     if reverse_mode_only:
         _reject_forward_mode(where, (x1, x2, *tensors))
     plan = Plan(where, tuple(tuple(b) for b in blocks), tuple(binds), _resolve_seeds(generator, len(blocks)),
-                _exact_states(len(blocks), checkpoint_every), _autocast_state(x1.device.type))
+                _exact_states(len(blocks), checkpoint_every), _autocast_state(x1.device.type), higher_order)
     return plan, tensors
 
 
@@ -134,6 +145,7 @@ def reversible_sequence(
     generator: Optional[torch.Generator] = None,
     checkpoint_every: Optional[int] = None,
     check_reconstruction: Union[None, bool, float] = None,
+    higher_order: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Apply a stack of additive coupling blocks with activation memory constant in depth.
 
@@ -160,6 +172,20 @@ def reversible_sequence(
             relative error exceeds the tolerance, scanning in backward order (``True``: the dtype's default in
             :data:`revfunc.testing.DEFAULT_TOLERANCES`). Costs two extra forwards and
             O(L) memory during the check.
+        higher_order: under a ``torch.func`` transform, record the backward's
+            recomputation at the transform's own level, so that the returned gradient can
+            be differentiated again at that same level (``torch.autograd.grad(...,
+            create_graph=True)`` inside ``torch.func.grad``, then another gradient). Costs
+            O(L) activation memory. Not needed for nested transforms
+            (``grad(grad(f))``, ``jacrev(jacrev(f))``) nor for ``create_graph=True``
+            outside transforms, which work (at O(L) memory) either way; without it, the
+            same-level case raises instead of returning a wrong result.
+
+    Memory: activations are O(1) in depth for ``loss.backward()``, ``torch.autograd.grad``,
+    ``torch.func.grad``/``grad_and_value``/``vjp``, ``vmap(grad)`` and ``torch.compile`` of
+    the forward with an eager backward. Inside ``torch.compile`` of a ``torch.func``
+    gradient step, Dynamo drops the custom backward (it differentiates the forward as
+    plain autograd, O(L)): compile :func:`revfunc.reversible_vjp` instead.
 
     Returns:
         ``(y1, y2)``, the final stream.
@@ -186,10 +212,12 @@ def reversible_sequence(
         True
     """
     where = "revfunc.reversible_sequence"
-    _validate(where, blocks, params, x1, x2, kwargs, generator)
+    validate(where, blocks, params, x1, x2, kwargs, generator)
     _checks.check_positive_int(where, "checkpoint_every", checkpoint_every)
+    if not isinstance(higher_order, bool):
+        raise TypeError(_checks.msg(where, "higher_order", "a bool", _checks.describe(higher_order)))
     plan, tensors = make_plan(where, blocks, params, kwargs, generator, x1, x2, checkpoint_every,
-                               reverse_mode_only=True)
+                              reverse_mode_only=True, higher_order=higher_order)
     if check_reconstruction is not None and check_reconstruction is not False:
         _check_drift(plan, x1, x2, tensors, check_reconstruction)
     out = function_for(len(tensors)).apply(plan, x1, x2, *tensors)
@@ -280,7 +308,7 @@ def sequential_sequence(
     Differentiable in: x1, x2, params, floating kwargs tensors (any order, forward mode too).
     """
     where = "revfunc.sequential_sequence"
-    _validate(where, blocks, params, x1, x2, kwargs, generator)
+    validate(where, blocks, params, x1, x2, kwargs, generator)
     plan, tensors = make_plan(where, blocks, params, kwargs, generator, x1, x2)
     y1, y2, _ = _run_plain(plan, x1, x2, tensors)
     return y1, y2
@@ -305,7 +333,7 @@ def reversible_inverse(
     Differentiable in: y1, y2, params, floating kwargs tensors (plain autograd).
     """
     where = "revfunc.reversible_inverse"
-    _validate(where, blocks, params, y1, y2, kwargs, generator, names=("y1", "y2"))
+    validate(where, blocks, params, y1, y2, kwargs, generator, names=("y1", "y2"))
     plan, tensors = make_plan(where, blocks, params, kwargs, generator, y1, y2)
     for i in range(len(plan.blocks) - 1, -1, -1):
         y1, y2 = _apply_block(plan, i, tensors, y1, y2, uncouple)
@@ -337,7 +365,7 @@ def reconstruction_error(
     Pure: as :func:`reversible_sequence`; no gradients are recorded.
     """
     where = "revfunc.reconstruction_error"
-    _validate(where, blocks, params, x1, x2, kwargs, generator)
+    validate(where, blocks, params, x1, x2, kwargs, generator)
     _checks.check_positive_int(where, "checkpoint_every", checkpoint_every)
     plan, tensors = make_plan(where, blocks, params, kwargs, generator, x1, x2, checkpoint_every)
     return _drift(plan, x1, x2, tensors)

@@ -186,3 +186,44 @@ def test_compiled_dropout_without_generator_is_refused_not_silently_wrong():
     with pytest.raises(Exception, match=r"submodule 'blocks.0.f.net.dropout' \(Dropout, p=0.1\) is active inside "
                                         r"torch.compile without a generator"):
         torch.compile(model, backend="eager", fullgraph=True)(torch.randn(1, 3, 8))
+
+
+def test_compile_fullgraph_of_a_reversible_vjp_training_step_matches_eager():
+    """The compiled path that keeps the memory saving (tests/test_memory.py measures it)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    torch._dynamo.reset()
+    blocks, params = _pure_mlp_stack()
+    params = [tuple({k: t.detach().double() for k, t in p.items()} for p in pair) for pair in params]
+
+    def head(y1, y2):
+        return loss_of(y1, y2)
+
+    def step(p, x1, x2):
+        (y1, y2), pullback = revfunc.reversible_vjp(blocks, p, x1, x2)
+        (dy1, dy2), value = torch.func.grad_and_value(head, argnums=(0, 1))(y1, y2)
+        dparams, dx1, dx2 = pullback(dy1, dy2)
+        return dparams, dx1, value
+
+    def reference(p, x1, x2):
+        (dparams, dx1), value = torch.func.grad_and_value(
+            lambda p, a: head(*revfunc.sequential_sequence(blocks, p, a, x2)), argnums=(0, 1))(p, x1)
+        return dparams, dx1, value
+
+    counter = CompileCounterWithBackend("inductor")
+    compiled = torch.compile(step, fullgraph=True, backend=counter)
+    for seed in range(2):
+        x1, x2 = inputs((4, 8), seed=seed, requires_grad=False)
+        _assert_tree_close(compiled(params, x1, x2), reference(params, x1, x2), rtol=1e-10, atol=1e-12)
+    assert counter.frame_count == 1
+
+
+def test_compile_fullgraph_of_the_sequential_sequence_module():
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = rnn.SequentialSequence(transformer_layers(2, 8, heads=2), args_route={"mask": ((True, False),) * 2})
+    x = torch.randn(2, 5, 8)
+    mask = torch.rand(2, 5) > 0.3
+    mask[:, 0] = True
+    torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="aot_eager")(x, mask=mask),
+                               model(x, mask=mask), rtol=1e-6, atol=1e-6)

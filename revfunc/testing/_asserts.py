@@ -12,7 +12,7 @@ import torch
 
 from revfunc._types import BlockKwargs, BlockParams, Blocks
 from revfunc.sequence import (
-    _validate,
+    validate,
     make_plan,
     rebuilt_inputs,
     reversible_sequence,
@@ -82,7 +82,7 @@ def assert_invertible(
     Pure: as :func:`revfunc.reversible_sequence`; records no gradients.
     """
     where = "revfunc.testing.assert_invertible"
-    _validate(where, blocks, params, x1, x2, kwargs, generator)
+    validate(where, blocks, params, x1, x2, kwargs, generator)
     rtol, atol = _tolerances(x1.dtype, rtol, atol)
     restore = _rng_restorer(generator)
     plan, tensors = make_plan(where, blocks, params, kwargs, generator, x1, x2)
@@ -172,7 +172,7 @@ def assert_gradients_match(
     Pure: as :func:`revfunc.reversible_sequence`; leaves ``.grad`` untouched.
     """
     where = "revfunc.testing.assert_gradients_match"
-    _validate(where, blocks, params, x1, x2, kwargs, generator)
+    validate(where, blocks, params, x1, x2, kwargs, generator)
     rtol, atol = _tolerances(x1.dtype, rtol, atol)
     names, leaves = _named_leaves(params, kwargs)
     names = ["x1", "x2", *names]
