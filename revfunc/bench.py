@@ -6,14 +6,21 @@ inputs, in one process and interleaved:
 - ``plain``: plain autograd on the coupling math (= 1.0);
 - ``checkpoint``: ``torch.utils.checkpoint`` per block (non-reentrant);
 - ``classic``: the classic ``reversible.py`` container, when found (``--classic``);
-- ``revfunc``: :class:`revfunc.nn.ReversibleSequence`.
+- ``revfunc``: :class:`revfunc.nn.ReversibleSequence`;
+- ``plain/func.grad``, ``revfunc/func.grad``: the functional path, ``torch.func.grad`` of
+  a loss over ``sequential_sequence`` / ``reversible_sequence`` with the live parameters
+  from ``pure_blocks``;
+- with ``--compile``, ``plain/compiled``: ``torch.compile(fullgraph=True)`` of a
+  ``torch.func.grad_and_value`` step over ``sequential_sequence``, and
+  ``revfunc/compiled``: the same step written with :func:`revfunc.reversible_vjp`
+  (compilation time is excluded: two warm-up rounds run first).
 
 Every method computes ``(y1, y2)`` from ``(x, x)`` and returns ``y1 + y2``, as the
 classic container does. Reported per depth: fwd+bwd time ratio to plain (median over rounds of the ratio
 within a round; methods run in rotated order each round),
 activation bytes saved for backward (``saved_tensors_hooks``, parameters excluded; the
-classic code keeps its tensors as ``ctx`` attributes, which hooks cannot see, so it
-shows 0) and peak memory (CUDA: ``max_memory_allocated``; CPU: peak RSS of a fresh worker process per
+classic code keeps its tensors as ``ctx`` attributes, which hooks cannot see, and
+torch.func refuses the hooks, so those rows show n/a) and peak memory (CUDA: ``max_memory_allocated``; CPU: peak RSS of a fresh worker process per
 configuration, VmHWM after fwd+bwd minus VmRSS just before the forward, with
 ``MALLOC_MMAP_THRESHOLD_=131072``; gradients start as ``None``, as
 ``optimizer.zero_grad()`` leaves them, so the peak includes the new parameter
@@ -34,7 +41,8 @@ import subprocess
 import sys
 import time
 
-METHODS = ("plain", "checkpoint", "classic", "revfunc")
+METHODS = ("plain", "checkpoint", "classic", "revfunc", "plain/func.grad", "revfunc/func.grad")
+COMPILED = ("plain/compiled", "revfunc/compiled")
 DEFAULT_CLASSIC = pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference" / "reversible.py"
 
 
@@ -51,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     parser.add_argument("--classic", default=str(DEFAULT_CLASSIC), help="path of the classic reversible.py ('' to skip)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory workers")
+    parser.add_argument("--compile", action="store_true", help="also time and measure compiled gradient steps")
     parser.add_argument("--out", default="bench_out", help="folder for bench.json and bench.png")
     parser.add_argument("--drift", action="store_true",
                         help="instead: reconstruction drift by dtype and depth, and bf16 autocast gradient error")
@@ -59,17 +68,32 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def methods(args) -> list:
-    return [m for m in METHODS if m != "classic" or (args.classic and os.path.exists(args.classic))]
+    names = METHODS + (COMPILED if args.compile else ())
+    return [m for m in names if m != "classic" or (args.classic and os.path.exists(args.classic))]
 
 
 # ----------------------------------------------------------------------------- models
 
 
-def build(args, method: str, depth: int):
-    """``(model, x)``: a module mapping ``x`` of shape (batch, seq, dim) to the same shape."""
+class Case:
+    """One method at one depth: ``run()`` does one fwd+bwd (gradients allocated anew).
+
+    ``model`` is the module for module methods (``None`` for functional ones, whose
+    saved tensors ``saved_tensors_hooks`` cannot see: torch.func refuses the hooks).
+    """
+
+    def __init__(self, run, params, model=None, x=None):
+        self.run, self.params, self.model, self.x = run, params, model, x
+
+    def clear(self) -> None:
+        if self.model is not None:
+            self.model.zero_grad(set_to_none=True)
+            self.x.grad = None
+
+
+def build(args, method: str, depth: int) -> Case:
+    """The :class:`Case` of ``method`` at ``depth`` on ``x`` of shape (batch, seq, dim)."""
     import torch
-    from torch import nn
-    from torch.utils.checkpoint import checkpoint
 
     from revfunc.testing.blocks import transformer_layers
 
@@ -77,18 +101,62 @@ def build(args, method: str, depth: int):
     torch.manual_seed(0)
     layers = transformer_layers(depth, args.dim, heads=args.heads).to(device=args.device, dtype=dtype)
     x = torch.randn(args.batch, args.seq, args.dim, device=args.device, dtype=dtype, requires_grad=True)
+    params = list(layers.parameters())
+    if "/" in method:
+        return Case(_functional_step(method, layers, x.detach()), params)
+    model = _module(args, method, layers)
+
+    def run():
+        model(x).float().pow(2).mean().backward()
+
+    return Case(run, params, model, x)
+
+
+def _functional_step(method: str, layers, x):
+    import torch
+
+    import revfunc
+
+    base, mode = method.split("/")
+    blocks, params = revfunc.pure_blocks(layers)
+    seq = revfunc.reversible_sequence if base == "revfunc" else revfunc.sequential_sequence
+
+    def head(y1, y2):
+        return (y1 + y2).float().pow(2).mean()
+
+    def loss(p):
+        return head(*seq(blocks, p, x, x))
+
+    if mode == "func.grad":
+        return lambda: torch.func.grad(loss)(params)
+    params = [tuple({k: t.detach() for k, t in p.items()} for p in pair) for pair in params]
+    if base == "revfunc":
+        def train_step(p):
+            (y1, y2), pullback = revfunc.reversible_vjp(blocks, p, x, x)
+            (dy1, dy2), value = torch.func.grad_and_value(head, argnums=(0, 1))(y1, y2)
+            return pullback(dy1, dy2)[0], value
+    else:
+        def train_step(p):
+            return torch.func.grad_and_value(loss)(p)
+    compiled = torch.compile(train_step, fullgraph=True)
+    return lambda: compiled(params)
+
+
+def _module(args, method: str, layers):
+    from torch import nn
+    from torch.utils.checkpoint import checkpoint
 
     if method == "revfunc":
         from revfunc.nn import ReversibleSequence
 
-        return ReversibleSequence(layers), x
+        return ReversibleSequence(layers)
     if method == "classic":
         import importlib.util
 
         spec = importlib.util.spec_from_file_location("classic_reversible", args.classic)
         classic = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(classic)
-        return classic.ReversibleSequence(layers), x
+        return classic.ReversibleSequence(layers)
 
     def couple(x1, x2, f, g):
         y1 = x1 + f(x2)
@@ -108,11 +176,7 @@ def build(args, method: str, depth: int):
                     x1, x2 = couple(x1, x2, f, g)
             return x1 + x2
 
-    return Coupled(), x
-
-
-def step(model, x) -> None:
-    model(x).float().pow(2).mean().backward()
+    return Coupled()
 
 
 # ----------------------------------------------------------------------------- measurements
@@ -133,15 +197,15 @@ def worker(args) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     method, depth = args.worker[0], int(args.worker[1])
-    model, x = build(args, method, depth)
-    step(model, x)  # warm-up: one-time allocations (thread pools, kernels) are not activations
-    model.zero_grad(set_to_none=True)  # as optimizer.zero_grad() leaves it: gradients count
-    x.grad = None
+    case = build(args, method, depth)
+    case.run()  # warm-up: one-time allocations (thread pools, kernels, compilation) are not activations
+    case.run()
+    case.clear()  # as optimizer.zero_grad() leaves it: gradients count
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         before = torch.cuda.memory_allocated()
-        step(model, x)
+        case.run()
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - before
     else:
@@ -151,7 +215,7 @@ def worker(args) -> None:
         except OSError:
             pass
         before = _status_kib("VmRSS")
-        step(model, x)
+        case.run()
         peak = (_status_kib("VmHWM") - before) * 1024
     print(json.dumps({"method": method, "depth": depth, "peak_bytes": peak}))
 
@@ -171,7 +235,7 @@ def peak_memory(args, argv) -> dict:
         if process.returncode != 0:
             raise RuntimeError(f"revfunc.bench: memory worker {method} depth {depth} failed:\n{stderr}")
         peaks[method, depth] = json.loads(stdout.strip().splitlines()[-1])["peak_bytes"]
-        print(f"  memory  depth {depth:3d}  {method:10s} {peaks[method, depth] / 2**20:8.1f} MiB", flush=True)
+        print(f"  memory  depth {depth:3d}  {method:18s} {peaks[method, depth] / 2**20:8.1f} MiB", flush=True)
 
     for method, depth in configs:
         cmd = [sys.executable, "-m", "revfunc.bench", *argv, "--worker", method, str(depth)]
@@ -184,10 +248,14 @@ def peak_memory(args, argv) -> dict:
     return peaks
 
 
-def saved_bytes(model, x) -> int:
-    """Bytes of non-parameter tensors saved for backward by one forward."""
+def saved_bytes(case: Case):
+    """Bytes of non-parameter tensors saved for backward by one forward (``None`` for the
+    functional methods: torch.func refuses saved-tensor hooks)."""
     import torch
 
+    if case.model is None:
+        return None
+    model, x = case.model, case.x
     skip = {p.untyped_storage().data_ptr() for p in model.parameters()}
     total = 0
 
@@ -211,19 +279,19 @@ def timings(args) -> tuple:
     times, ratios, saved, grads = {}, {}, {}, {}
     for depth in args.depths:
         built = {m: build(args, m, depth) for m in methods(args)}
-        grads[depth] = sum(p.numel() * p.element_size() for p in built["plain"][0].parameters())
-        for m, (model, x) in built.items():
-            saved[m, depth] = saved_bytes(model, x)
+        grads[depth] = sum(p.numel() * p.element_size() for p in built["plain"].params)
+        for m, case in built.items():
+            # The classic code keeps its tensors as ctx attributes, out of the hooks' reach:
+            # 0 would read as the best result, so it is n/a.
+            saved[m, depth] = None if m == "classic" else saved_bytes(case)
         samples = {m: [] for m in built}
         names = list(built)
         for r in range(args.repeats + 2):
             for m in names[r % len(names):] + names[:r % len(names)]:  # rotate: no method always last
-                model, x = built[m]
-                model.zero_grad(set_to_none=True)
-                x.grad = None
+                built[m].clear()
                 sync()
                 start = time.perf_counter()
-                step(model, x)
+                built[m].run()
                 sync()
                 if r >= 2:
                     samples[m].append(time.perf_counter() - start)
@@ -251,12 +319,12 @@ def report(args, times, ratios, saved, grads, peaks) -> dict:
                 "seconds": times[m, depth],
                 "time_ratio": ratios[m, depth],
                 "saved_bytes": saved[m, depth],
-                "saved_ratio": saved[m, depth] / saved["plain", depth],
+                "saved_ratio": None if saved[m, depth] is None else saved[m, depth] / saved["plain", depth],
                 "peak_bytes": peaks.get((m, depth)),
                 "peak_ratio": (peaks[m, depth] / peaks["plain", depth]) if peaks and peaks["plain", depth] else None,
                 "grad_bytes": grads[depth],
             })
-    header = (f"{'depth':>5}  {'method':10s} {'time':>8} {'saved MiB':>10} {'saved':>7} {'peak MiB':>9} {'peak':>7}"
+    header = (f"{'depth':>5}  {'method':18s} {'time':>8} {'saved MiB':>10} {'saved':>7} {'peak MiB':>9} {'peak':>7}"
               f" {'of which grads':>15}")
     print("\n" + header)
     print("-" * len(header))
@@ -264,8 +332,13 @@ def report(args, times, ratios, saved, grads, peaks) -> dict:
         ratio = "n/a" if row["peak_ratio"] is None else f"{row['peak_ratio']:6.3f}x"
         peak = "" if row["peak_bytes"] is None else (f"{row['peak_bytes'] / 2**20:9.1f} {ratio:>7} "
                                                       f"{row['grad_bytes'] / 2**20:11.1f} MiB")
-        print(f"{row['depth']:5d}  {row['method']:10s} {row['time_ratio']:7.3f}x {row['saved_bytes'] / 2**20:10.2f} "
-              f"{row['saved_ratio']:6.3f}x {peak}")
+        if row["saved_bytes"] is None:  # torch.func refuses saved-tensor hooks
+            saved = f"{'n/a':>10} {'n/a':>7}"
+        else:
+            saved = f"{row['saved_bytes'] / 2**20:10.2f} {row['saved_ratio']:6.3f}x"
+        print(f"{row['depth']:5d}  {row['method']:18s} {row['time_ratio']:7.3f}x {saved} {peak}")
+    print("saved n/a: classic keeps tensors as ctx attributes and torch.func refuses saved-tensor hooks, so "
+          "hooks cannot count them; the peak column measures every method.")
     return {"config": {k: v for k, v in vars(args).items() if k != "worker"}, "rows": rows}
 
 

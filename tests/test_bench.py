@@ -12,8 +12,9 @@ def test_bench_writes_json_and_plot_with_every_method(tmp_path):
     assert rows == result["rows"]
     assert (tmp_path / "bench.png").stat().st_size > 0
     methods = {r["method"] for r in rows}
-    assert methods == {"plain", "checkpoint", "classic", "revfunc"}
+    assert methods == {"plain", "checkpoint", "classic", "revfunc", "plain/func.grad", "revfunc/func.grad"}
     by = {(r["method"], r["depth"]): r for r in rows}
+    assert by["classic", 2]["saved_bytes"] is None and by["revfunc/func.grad", 2]["saved_bytes"] is None
     assert by["revfunc", 2]["saved_bytes"] == by["revfunc", 4]["saved_bytes"] > 0
     assert by["plain", 4]["saved_bytes"] > 1.5 * by["plain", 2]["saved_bytes"]
     assert all(r["peak_bytes"] is not None and r["peak_bytes"] >= 0 for r in rows)
