@@ -138,6 +138,11 @@ def _functional_step(method: str, layers, x):
     else:
         def train_step(p):
             return torch.func.grad_and_value(loss)(p)
+    # Inductor's locality reordering hoists recomputation out of the reverse sweep (the
+    # README's setting; torch.compile(options=...) does not turn it off).
+    import torch._inductor.config
+
+    torch._inductor.config.reorder_for_locality = False
     compiled = torch.compile(train_step, fullgraph=True)
     return lambda: compiled(params)
 

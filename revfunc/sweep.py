@@ -53,7 +53,12 @@ def reversible_vjp(
             dparams, dx1, dx2 = pullback(dy1, dy2)
             return dparams, loss
 
+        torch._inductor.config.reorder_for_locality = False  # before the first call
         step = torch.compile(step, fullgraph=True)
+
+    (Inductor's locality reordering would hoist recomputation work out of the sweep and
+    let memory grow with depth; ``torch.compile(options=...)`` did not turn it off in our
+    runs, the global setting does. See docs/benchmarks.md.)
 
     Args:
         blocks, params, x1, x2, kwargs, generator, checkpoint_every: as in

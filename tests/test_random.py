@@ -110,3 +110,29 @@ def test_inverse_with_the_same_generator_state_replays_dropout():
         y = revfunc.reversible_sequence(blocks, params, x1, x2, generator=torch.Generator().manual_seed(9))
         z = revfunc.reversible_inverse(blocks, params, *y, generator=torch.Generator().manual_seed(9))
     assert_all_close(list(z), [x1, x2], rtol=1e-10, atol=1e-12)
+
+
+def test_the_generator_check_keeps_no_branch_function_alive():
+    """A closure re-created each step (capturing a tensor) must be freed after the step."""
+    import gc
+    import weakref
+
+    import revfunc
+
+    captured = []
+
+    def one_step():
+        scale = torch.randn(4, dtype=torch.float64)
+        captured.append(weakref.ref(scale))
+
+        def branch(p, x):
+            return torch.tanh(x * scale)
+
+        x1, x2 = torch.randn(2, 4, dtype=torch.float64), torch.randn(2, 4, dtype=torch.float64)
+        # generator= makes every branch call go through the generator check.
+        revfunc.reversible_sequence([(branch, branch)], [({}, {})], x1, x2, generator=torch.Generator().manual_seed(0))
+
+    for _ in range(20):
+        one_step()
+    gc.collect()
+    assert sum(ref() is not None for ref in captured) == 0
