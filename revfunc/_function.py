@@ -45,13 +45,20 @@ class Plan:
         autocast: ``(device_type, dtype, enabled)`` at forward, replayed in backward.
         higher_order: record the backward's recomputation at every ``torch.func`` level
             (see :func:`revfunc.reversible_sequence`).
+        modes: per block, per branch, ``(modules, training flags)`` of a module-backed
+            branch at forward (``None`` otherwise), replayed in backward.
+        rng_check: the call was declared deterministic: raise if a branch touches the
+            global RNG in forward.
     """
 
-    __slots__ = ("where", "blocks", "binds", "seeds", "exact", "autocast", "higher_order")
+    __slots__ = ("where", "blocks", "binds", "seeds", "exact", "autocast", "higher_order", "modes", "rng_check")
 
-    def __init__(self, where, blocks, binds, seeds, exact, autocast, higher_order=False):
+    def __init__(self, where, blocks, binds, seeds, exact, autocast, higher_order=False, modes=None,
+                 rng_check=False):
         self.where = where
         self.higher_order = higher_order
+        self.modes = modes
+        self.rng_check = rng_check
         self.blocks = blocks
         self.binds = binds
         self.seeds = seeds
@@ -60,6 +67,70 @@ class Plan:
 
     def seed(self, index: int, branch: int) -> Optional[int]:
         return None if self.seeds is None else self.seeds[index][branch]
+
+    def mode(self, index: int, branch: int):
+        return None if self.modes is None else self.modes[index][branch]
+
+
+_BRANCH = ("f", "g")
+
+
+def _watch(params, x, kwargs):
+    """``(label, tensor)`` pairs whose in-place modification by a branch is an error."""
+    watched = [("its input x", x)]
+    watched += [(f"parameter/buffer {name!r}", t) for name, t in params.items() if isinstance(t, torch.Tensor)]
+    watched += [(f"keyword {name!r}", v) for name, v in kwargs.items() if isinstance(v, torch.Tensor)]
+    return watched
+
+
+def _module_of(fn, label: str) -> str:
+    """`` (module 'net.1', BatchNorm1d)`` for a parameter/buffer label of a module branch."""
+    module = getattr(fn, "module", None)
+    if module is None or "'" not in label:
+        return ""
+    path = label.split("'")[1].rpartition(".")[0]
+    try:
+        sub = module.get_submodule(path)
+    except AttributeError:
+        return ""
+    return f" (module {path or '<root>'!r}, {type(sub).__name__})"
+
+
+def checked_call(where: str, index: int, branch: str, fn, params, x, kwargs, seed, rng_check: bool = False):
+    """:func:`call_branch` for a reversible path, refusing what recomputation cannot replay.
+
+    Raises ``ValueError`` naming the block, the branch and the tensor when the call
+    modified its input or a parameter, buffer or keyword tensor in place (the stream
+    and the caller's tensors would change; a buffer such as BatchNorm's running
+    statistics would be updated again by the backward's recomputation), and
+    ``RuntimeError`` when ``rng_check`` is set and the call used the global RNG. A
+    ``TypeError`` raised by the call is re-raised naming the block. Checks use tensor
+    version counters: under ``vmap`` and ``torch.compile`` they are skipped.
+    """
+    if torch.compiler.is_compiling():
+        return call_branch(fn, params, x, kwargs, seed)
+    watched = _watch(params, x, kwargs)
+    before = [t._version for _, t in watched]
+    rng_before = torch.get_rng_state() if rng_check else None
+    try:
+        out = call_branch(fn, params, x, kwargs, seed)
+    except TypeError as error:
+        raise TypeError(f"{where}: block {index} branch {branch} ({fn!r}) raised: {error}") from error
+    for (label, t), version in zip(watched, before):
+        if t._version != version:
+            raise ValueError(
+                f"{where}: block {index} branch {branch} modified {label}{_module_of(fn, label)} in place during "
+                "forward. A reversible stack re-runs every branch in backward, so in-place updates would be applied "
+                "twice (BatchNorm running statistics, spectral_norm's power iteration) or would corrupt the stream "
+                "and the caller's tensors (nn.ReLU(inplace=True), x.mul_()). Use out-of-place ops and stateless "
+                "modules (LayerNorm/GroupNorm, track_running_stats=False), call .eval() for modules that only update "
+                "in training, or use revfunc.sequential_sequence.")
+    if rng_check and not torch.equal(rng_before, torch.get_rng_state()):
+        raise RuntimeError(
+            f"{where}: block {index} branch {branch} drew random numbers from the global RNG, but the call was "
+            "declared deterministic (deterministic=True, or revfunc.nn in eval mode), so the backward could not "
+            "replay them. Pass generator=torch.Generator() (or deterministic=False).")
+    return out
 
 
 def bind(b: Bind, tensors: Sequence[torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
@@ -82,12 +153,14 @@ def run_forward(plan: Plan, x1: torch.Tensor, x2: torch.Tensor, tensors: Sequenc
     """
     exact = plan.exact
     boundaries: List[torch.Tensor] = []
+    if not torch.compiler.is_compiling():
+        x2 = x2.clone()  # block 0's f sees a copy: a branch that writes its input cannot reach the caller's
     for i, (f, g) in enumerate(plan.blocks):
         (fp, fk), (gp, gk) = bind(plan.binds[i][0], tensors), bind(plan.binds[i][1], tensors)
-        fx = call_branch(f, fp, x2, fk, plan.seed(i, 0))
+        fx = checked_call(plan.where, i, "f", f, fp, x2, fk, plan.seed(i, 0), plan.rng_check)
         _checks.check_output_shape(plan.where, fx, x2, i, "f")
         y1 = x1 + fx
-        gy = call_branch(g, gp, y1, gk, plan.seed(i, 1))
+        gy = checked_call(plan.where, i, "g", g, gp, y1, gk, plan.seed(i, 1), plan.rng_check)
         _checks.check_output_shape(plan.where, gy, y1, i, "g")
         x1, x2 = y1, x2 + gy
         if i + 1 in exact:
@@ -95,12 +168,24 @@ def run_forward(plan: Plan, x1: torch.Tensor, x2: torch.Tensor, tensors: Sequenc
     return (x1, x2, *boundaries)
 
 
-def _replay(autocast, fn, params, x, kwargs, seed):
+def _replay(autocast, fn, params, x, kwargs, seed, mode=None):
     """Recompute one branch under the forward's autocast state (the only autocast scope:
-    the vjp itself runs outside it, as plain autograd's backward does)."""
+    the vjp itself runs outside it, as plain autograd's backward does) and, for a
+    module-backed branch, the forward's train/eval flags (``model.eval()`` between
+    forward and backward must not change what is recomputed)."""
     device_type, dtype, enabled = autocast
-    with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-        return call_branch(fn, params, x, kwargs, seed)
+    switched = []
+    if mode is not None:
+        for module, training in zip(*mode):
+            if module.training != training:
+                module.training = training
+                switched.append(module)
+    try:
+        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            return call_branch(fn, params, x, kwargs, seed)
+    finally:
+        for module in switched:
+            module.training = not module.training
 
 
 def _diff_slots(b: Bind, tensors: Sequence[torch.Tensor], needs: Sequence[bool]) -> Tuple[int, ...]:
@@ -118,7 +203,7 @@ def _bind_with(b: Bind, tensors: Sequence[torch.Tensor], replaced: Dict[int, tor
     return bind(b, [replaced.get(j, t) for j, t in enumerate(tensors)])
 
 
-def _branch_vjp(fn, b, tensors, needs, x, cotangent, seed, eager, autocast):
+def _branch_vjp(fn, b, tensors, needs, x, cotangent, seed, eager, autocast, mode=None):
     """``fn``'s output at ``x`` and the vjp of ``cotangent`` w.r.t. (its flat slots, x).
 
     Returns ``(out, grads, x_grad)`` with ``grads`` as ``{flat_slot: tensor}`` for the
@@ -127,18 +212,18 @@ def _branch_vjp(fn, b, tensors, needs, x, cotangent, seed, eager, autocast):
     """
     slots = _diff_slots(b, tensors, needs)
     if eager:
-        return _autograd_vjp(fn, b, tensors, slots, x, cotangent, seed, autocast)
+        return _autograd_vjp(fn, b, tensors, slots, x, cotangent, seed, autocast, mode)
 
     def call(diff, inp):
         params, kwargs = _bind_with(b, tensors, dict(zip(slots, diff)))
-        return _replay(autocast, fn, params, inp, kwargs, seed)
+        return _replay(autocast, fn, params, inp, kwargs, seed, mode)
 
     out, vjp_fn = torch.func.vjp(call, tuple(tensors[j] for j in slots), x)
     g_slots, gx = vjp_fn(cotangent.to(out.dtype))
     return out, dict(zip(slots, g_slots)), gx
 
 
-def _autograd_vjp(fn, b, tensors, slots, x, cotangent, seed, autocast):
+def _autograd_vjp(fn, b, tensors, slots, x, cotangent, seed, autocast, mode=None):
     """The same vjp with ``torch.autograd.grad`` (no functorch level active, no graph kept).
 
     Where possible the parameters are the caller's, as saved: the recomputation's graph
@@ -156,11 +241,23 @@ def _autograd_vjp(fn, b, tensors, slots, x, cotangent, seed, autocast):
     with torch.enable_grad():
         xin = x.detach().requires_grad_()
         params, kwargs = _bind_with(b, tensors, replaced)
-        out = _replay(autocast, fn, params, xin, kwargs, seed)
+        out = _replay(autocast, fn, params, xin, kwargs, seed, mode)
         inputs = (xin, *(replaced.get(j, tensors[j]) for j in slots))
         grads = torch.autograd.grad(out, inputs, cotangent.to(out.dtype), allow_unused=True)
     gx = torch.zeros_like(x) if grads[0] is None else grads[0]
     return out.detach(), {j: g for j, g in zip(slots, grads[1:]) if g is not None}, gx
+
+
+def _block_vjp(plan: Plan, i: int, branch: int, fn, tensors, needs, x, cotangent, eager):
+    """:func:`_branch_vjp` of block ``i``'s branch; errors name the block and branch."""
+    try:
+        return _branch_vjp(fn, plan.binds[i][branch], tensors, needs, x, cotangent, plan.seed(i, branch), eager,
+                           plan.autocast, plan.mode(i, branch))
+    except RuntimeError as error:
+        if str(error).startswith(plan.where):
+            raise
+        raise RuntimeError(f"{plan.where}: block {i} branch {_BRANCH[branch]} failed in the backward "
+                           f"recomputation: {error}") from error
 
 
 def run_backward(plan: Plan, dy1, dy2, saved: Sequence[torch.Tensor], needs: Sequence[bool]):
@@ -191,13 +288,11 @@ def run_backward(plan: Plan, dy1, dy2, saved: Sequence[torch.Tensor], needs: Seq
         f, g = plan.blocks[i]
         if i + 1 in exact:
             y1, y2 = exact[i + 1]
-        gy, g_grads, dy1_g = _branch_vjp(g, plan.binds[i][1], tensors, needs, y1, dy2, plan.seed(i, 1), eager,
-                                         plan.autocast)
+        gy, g_grads, dy1_g = _block_vjp(plan, i, 1, g, tensors, needs, y1, dy2, eager)
         a1 = dy1 + dy1_g
         x2 = exact[i][1] if i in exact else y2 - gy
         del gy, dy1_g
-        fx, f_grads, dx2_f = _branch_vjp(f, plan.binds[i][0], tensors, needs, x2, a1, plan.seed(i, 0), eager,
-                                         plan.autocast)
+        fx, f_grads, dx2_f = _block_vjp(plan, i, 0, f, tensors, needs, x2, a1, eager)
         dy1, dy2 = a1, dy2 + dx2_f
         del a1, dx2_f
         if i > 0 and i not in exact:

@@ -12,6 +12,7 @@ from typing import Any, Mapping, Optional, Tuple
 
 import torch
 
+from revfunc import _checks
 from revfunc._types import BranchFn, Params
 from revfunc.random import call_branch
 
@@ -20,17 +21,19 @@ __all__ = ["coupling", "coupling_inverse"]
 _EMPTY: Mapping[str, Any] = {}
 
 
-def couple(f, g, f_params, g_params, x1, x2, f_kwargs, g_kwargs, f_seed, g_seed):
+def couple(f, g, f_params, g_params, x1, x2, f_kwargs, g_kwargs, f_seed, g_seed, call_f=call_branch,
+           call_g=call_branch):
     """One forward coupling step with per-branch child seeds (``None``: as is)."""
-    y1 = x1 + call_branch(f, f_params, x2, f_kwargs, f_seed)
-    y2 = x2 + call_branch(g, g_params, y1, g_kwargs, g_seed)
+    y1 = x1 + call_f(f, f_params, x2, f_kwargs, f_seed)
+    y2 = x2 + call_g(g, g_params, y1, g_kwargs, g_seed)
     return y1, y2
 
 
-def uncouple(f, g, f_params, g_params, y1, y2, f_kwargs, g_kwargs, f_seed, g_seed):
+def uncouple(f, g, f_params, g_params, y1, y2, f_kwargs, g_kwargs, f_seed, g_seed, call_f=call_branch,
+             call_g=call_branch):
     """One inverse coupling step with per-branch child seeds (``None``: as is)."""
-    x2 = y2 - call_branch(g, g_params, y1, g_kwargs, g_seed)
-    x1 = y1 - call_branch(f, f_params, x2, f_kwargs, f_seed)
+    x2 = y2 - call_g(g, g_params, y1, g_kwargs, g_seed)
+    x1 = y1 - call_f(f, f_params, x2, f_kwargs, f_seed)
     return x1, x2
 
 
@@ -62,6 +65,7 @@ def coupling(
         >>> y1.tolist(), y2.tolist()
         ([3.0, 3.0], [10.0, 10.0])
     """
+    _checks.check_stream_pair("revfunc.coupling", x1, x2)
     return couple(f, g, f_params, g_params, x1, x2, f_kwargs or _EMPTY, g_kwargs or _EMPTY, None, None)
 
 
@@ -84,4 +88,5 @@ def coupling_inverse(
     Pure: yes, if ``f`` and ``g`` are.
     Differentiable in: y1, y2, f_params, g_params, tensor kwargs.
     """
+    _checks.check_stream_pair("revfunc.coupling_inverse", y1, y2, ("y1", "y2"))
     return uncouple(f, g, f_params, g_params, y1, y2, f_kwargs or _EMPTY, g_kwargs or _EMPTY, None, None)

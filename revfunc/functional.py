@@ -17,6 +17,26 @@ from revfunc._types import Block, BranchFn, Params
 
 __all__ = ["pure", "pure_blocks", "PureModule"]
 
+# Bumped whenever any module anywhere registers a submodule, parameter or buffer
+# (assignment, weight_norm, parametrizations, register_*): containers that cache the
+# structure of their modules compare it to rebuild when their tree may have changed.
+_STRUCTURE_GENERATION = [0]
+
+
+def _structure_changed(*_args: Any) -> None:
+    _STRUCTURE_GENERATION[0] += 1  # returns None: the registration proceeds unchanged
+
+
+for _register in (nn.modules.module.register_module_module_registration_hook,
+                  nn.modules.module.register_module_parameter_registration_hook,
+                  nn.modules.module.register_module_buffer_registration_hook):
+    _register(_structure_changed)
+
+
+def structure_generation() -> int:
+    """A counter that changes whenever any module registers a submodule, parameter or buffer."""
+    return _STRUCTURE_GENERATION[0]
+
 
 class PureModule:
     """``fn(params, *args, **kwargs) == torch.func.functional_call(module, params, args, kwargs)``.
@@ -29,7 +49,7 @@ class PureModule:
     module itself updates buffers in forward, which reversible stacks reject).
     """
 
-    __slots__ = ("module", "accepts_generator", "_owners", "__weakref__")
+    __slots__ = ("module", "accepts_generator", "submodules", "_owners", "_layout", "__weakref__")
 
     def __init__(self, module: nn.Module):
         self.module = module
@@ -48,7 +68,19 @@ class PureModule:
                 for key in getattr(sub, kind):
                     owners.append((f"{prefix}.{key}" if prefix else key, getattr(sub, kind), key))
         self._owners = tuple(owners)
+        #: every module of the tree (for replaying the forward's train/eval state).
+        self.submodules = tuple(module.modules())
+        self._layout = self._current_layout()
 
+    def _current_layout(self):
+        return tuple((name, tuple(sub._parameters), tuple(sub._buffers), tuple(sub._modules))
+                     for name, sub in self.module.named_modules())
+
+    def is_current(self) -> bool:
+        """Whether the module tree still has the submodules, parameter and buffer names
+        this view was built from (compared after any registration anywhere)."""
+        return self._layout == self._current_layout() and all(
+            a is b for a, b in zip(self.submodules, self.module.modules()))
     def live_params(self) -> Dict[str, torch.Tensor]:
         """The module's current parameters and buffers, like :func:`module_params`, read
         through the holders recorded at construction (no module traversal per call)."""

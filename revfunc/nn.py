@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from revfunc import _checks
-from revfunc.functional import PureModule
+from revfunc.functional import PureModule, structure_generation
 from revfunc.random import accepts_generator, call_branch, derive_seed, draw_base_seed
 from revfunc.routing import check_router, layer_drop, route_args
 from revfunc.sequence import reversible_inverse, reversible_sequence
@@ -80,9 +80,23 @@ class ReversibleBlock(nn.Module):
         self.f = _Branch(f)
         self.g = _Branch(g)
         self._pure = (PureModule(f), PureModule(g))
+        self._generation = structure_generation()
 
     def pure(self) -> Tuple[Tuple[PureModule, PureModule], Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]]:
-        """``((f_fn, g_fn), (f_params, g_params))`` with the live parameters."""
+        """``((f_fn, g_fn), (f_params, g_params))`` with the live parameters.
+
+        Follows the live module tree: when any module has registered a submodule,
+        parameter or buffer since the last call (a replaced ``f.net``, ``net[0] = ...``,
+        ``weight_norm``, a new parameter), the pure view is rebuilt, and modules that
+        update running statistics are rejected again.
+        """
+        generation = structure_generation()
+        if self._generation != generation:
+            if self.f.net is not self._pure[0].module or self.g.net is not self._pure[1].module \
+                    or not (self._pure[0].is_current() and self._pure[1].is_current()):
+                _reject_stateful("revfunc.nn.ReversibleBlock", self, "")
+                self._pure = (PureModule(self.f.net), PureModule(self.g.net))
+            self._generation = generation
         return self._pure, (self._pure[0].live_params(), self._pure[1].live_params())
 
     def _split(self, where: str, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -110,6 +124,34 @@ class ReversibleBlock(nn.Module):
         x1, x2 = reversible_inverse([fns], [params], y1, y2, kwargs=[(f_args or {}, g_args or {})],
                                     generator=generator)
         return torch.cat([x1, x2], dim=-1)
+
+
+def _check_layers(where: str, layers: Any) -> List[Tuple[nn.Module, nn.Module]]:
+    """``layers`` as a list of ``(f, g)`` module pairs, or a TypeError naming ``layers[i]``."""
+    if isinstance(layers, nn.Module) and not isinstance(layers, (nn.ModuleList, nn.Sequential)):
+        raise TypeError(_checks.msg(where, "layers", "an nn.ModuleList of (f, g) module pairs",
+                                    _checks.describe(layers)))
+    try:
+        items = list(layers)
+    except TypeError:
+        raise TypeError(_checks.msg(where, "layers", "an nn.ModuleList of (f, g) module pairs",
+                                    _checks.describe(layers))) from None
+    pairs = []
+    for i, pair in enumerate(items):
+        pair = list(pair) if isinstance(pair, (nn.ModuleList, nn.Sequential, list, tuple)) else pair
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(m, nn.Module) for m in pair)):
+            raise TypeError(_checks.msg(where, f"layers[{i}]", "a pair (f, g) of nn.Modules", _checks.describe(pair),
+                                        "Wrap plain functions in an nn.Module; pass one (f, g) pair per block."))
+        pairs.append((pair[0], pair[1]))
+    return pairs
+
+
+def _check_layer_dropout(where: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(_checks.msg(where, "layer_dropout", "a float probability in [0, 1)", _checks.describe(value)))
+    if not 0.0 <= value < 1.0:  # also rejects nan
+        raise ValueError(_checks.msg(where, "layer_dropout", "a probability in [0, 1)", repr(value)))
+    return float(value)
 
 
 def _kept_layers(module: nn.Module, depth: int, generator: Optional[torch.Generator]) -> List[int]:
@@ -143,22 +185,28 @@ class ReversibleSequence(nn.Module):
                  layer_dropout: float = 0.0):
         super().__init__()
         where = "revfunc.nn.ReversibleSequence"
+        pairs = _check_layers(where, blocks)
         self.args_route = dict(args_route or {})
-        check_router(where, self.args_route, len(blocks))
-        self.layer_dropout = layer_dropout
-        self.blocks = nn.ModuleList([ReversibleBlock(f=f, g=g) for f, g in blocks])
+        check_router(where, self.args_route, len(pairs))
+        self.layer_dropout = _check_layer_dropout(where, layer_dropout)
+        self.blocks = nn.ModuleList([ReversibleBlock(f=f, g=g) for f, g in pairs])
         _reject_stateful(where, self.blocks, "blocks")
 
     def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None, **kwargs: Any) -> torch.Tensor:
         if generator is None and torch.compiler.is_compiling():
             _reject_unseeded_dropout(self)
         routed = route_args(self.args_route, kwargs, len(self.blocks))
+        if len(self.blocks) == 0:  # the classic container returns the two halves' sum
+            return x + x
         keep = _kept_layers(self, len(self.blocks), generator)
         fns, params = zip(*(self.blocks[i].pure() for i in keep))
+        # In eval mode stock modules draw no random numbers: no seed is drawn (the global
+        # RNG is left alone) and the forward checks that no branch touched the RNG.
+        deterministic = generator is None and not any(m.training for m in self.modules())
         # Both halves start as x (the classic cat([x, x], -1)); a view keeps the two
         # Function inputs distinct tensors, which Dynamo requires.
         y1, y2 = reversible_sequence(list(fns), list(params), x, x.view_as(x), kwargs=[routed[i] for i in keep],
-                                     generator=generator)
+                                     generator=generator, deterministic=deterministic)
         return y1 + y2
 
 
@@ -192,13 +240,17 @@ class SequentialSequence(nn.Module):
     def __init__(self, layers: Sequence[Any], args_route: Optional[Mapping[str, Any]] = None,
                  layer_dropout: float = 0.0):
         super().__init__()
+        where = "revfunc.nn.SequentialSequence"
+        pairs = _check_layers(where, layers)
         self.args_route = dict(args_route or {})
-        check_router("revfunc.nn.SequentialSequence", self.args_route, len(layers))
-        self.layers = layers if isinstance(layers, nn.Module) else nn.ModuleList(nn.ModuleList(p) for p in layers)
-        self.layer_dropout = layer_dropout
+        check_router(where, self.args_route, len(pairs))
+        self.layers = layers if isinstance(layers, nn.Module) else nn.ModuleList(nn.ModuleList(p) for p in pairs)
+        self.layer_dropout = _check_layer_dropout(where, layer_dropout)
 
     def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None, **kwargs: Any) -> torch.Tensor:
         routed = route_args(self.args_route, kwargs, len(self.layers))
+        if len(self.layers) == 0:
+            return x
         keep = _kept_layers(self, len(self.layers), generator)
         base = None if generator is None else draw_base_seed(generator)
         for n, i in enumerate(keep):

@@ -58,6 +58,9 @@ def derive_seed(base: int, index: int, branch: int) -> int:
         >>> derive_seed(1234, 0, 0) != derive_seed(1234, 0, 1)
         True
     """
+    for name, value in (("base", base), ("index", index), ("branch", branch)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(_checks.msg("revfunc.random.derive_seed", name, "an int", _checks.describe(value)))
     z = _splitmix64(base & _MASK64)
     z = _splitmix64(z ^ (index & _MASK64))
     z = _splitmix64(z ^ (branch & _MASK64))
@@ -73,6 +76,9 @@ def draw_base_seed(generator: Optional[torch.Generator] = None) -> int:
 
     Pure: no; advances ``generator`` (or the global CPU RNG) by one draw.
     """
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(_checks.msg("revfunc.random.draw_base_seed", "generator", "None or a torch.Generator",
+                                    _checks.describe(generator)))
     device = generator.device if generator is not None else torch.device("cpu")
     with torch._C._DisableFuncTorch():
         seed = torch.randint(0, _MASK63, (), generator=generator, device=device)
@@ -107,8 +113,21 @@ def fork_and_seed(seed: int, device: torch.device | str = "cpu") -> Iterator[Non
         >>> bool(torch.equal(a, b)) and bool(torch.equal(state, torch.get_rng_state()))
         True
     """
-    device = torch.device(device)
+    where = "revfunc.random.fork_and_seed"
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(_checks.msg(where, "seed", "an int in [0, 2**64)", _checks.describe(seed)))
+    if not 0 <= seed < 2 ** 64:
+        raise ValueError(_checks.msg(where, "seed", "an int in [0, 2**64)", repr(seed),
+                                     "Use revfunc.random.derive_seed to make seeds."))
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(_checks.msg(where, "device", "a torch.device or device string such as 'cpu' or 'cuda:0'",
+                                     _checks.describe(device))) from error
     module = _device_module(device)
+    if device.type != "cpu" and (module is None or not module.is_available()):
+        raise ValueError(_checks.msg(where, "device", "a device this torch build can use",
+                                     f"{device} (torch.{device.type} is not available here)"))
     cpu_state = torch.get_rng_state()
     accel_state = None
     if module is not None:
@@ -197,10 +216,18 @@ def dropout(
     Differentiable in: x.
 
     Raises:
-        ValueError: if ``p`` is not in ``[0, 1)``.
+        ValueError: if ``p`` is not in ``[0, 1)``. TypeError: ``x``, ``p`` or
+            ``generator`` of the wrong type.
     """
+    where = "revfunc.random.dropout"
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(_checks.msg(where, "x", "a floating-point torch.Tensor", _checks.describe(x)))
+    if isinstance(p, bool) or not isinstance(p, (int, float)):
+        raise TypeError(_checks.msg(where, "p", "a float probability in [0, 1)", _checks.describe(p)))
     if not 0.0 <= p < 1.0:
-        raise ValueError(_checks.msg("revfunc.random.dropout", "p", "a probability in [0, 1)", repr(p)))
+        raise ValueError(_checks.msg(where, "p", "a probability in [0, 1)", repr(p)))
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(_checks.msg(where, "generator", "None or a torch.Generator", _checks.describe(generator)))
     if not training or p == 0.0:
         return x
     keep = 1.0 - p

@@ -7,13 +7,14 @@ A stack applies blocks ``(f_i, g_i)``, ``i = 0..L-1``, in order:
 
 from __future__ import annotations
 
+import functools
 import itertools
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from revfunc import _checks
-from revfunc._function import Plan, bind, function_for
+from revfunc._function import Plan, bind, checked_call, function_for
 from revfunc._types import BlockKwargs, BlockParams, Blocks
 from revfunc.coupling import couple, uncouple
 from revfunc.random import derive_seed, draw_base_seed
@@ -37,13 +38,13 @@ def _under_compile() -> bool:
     return torch.compiler.is_compiling()
 
 
-def _resolve_seeds(generator: Optional[torch.Generator], depth: int) -> Optional[List[Tuple[int, int]]]:
+def _resolve_seeds(generator: Optional[torch.Generator], depth: int, draw: bool) -> Optional[List[Tuple[int, int]]]:
     """Child seeds for one call: one base-seed draw, then :func:`derive_seed` per branch.
 
-    Inside ``torch.compile`` with no generator nothing is drawn and branches run as is
-    (deterministic stacks only; random ones need an explicit generator there).
+    With no generator, nothing is drawn unless ``draw`` (a replay can happen), and never
+    inside ``torch.compile``; branches then run with the global RNG as is.
     """
-    if generator is None and _under_compile():
+    if generator is None and (not draw or _under_compile()):
         return None
     base = draw_base_seed(generator)
     return [(derive_seed(base, i, 0), derive_seed(base, i, 1)) for i in range(depth)]
@@ -124,14 +125,39 @@ def _autocast_state(device_type: str) -> Tuple[str, torch.dtype, bool]:
     return device_type, torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type)
 
 
+def _modes(blocks):
+    """Per block, per branch: ``(modules, training flags)`` of a module-backed branch."""
+    if _under_compile():
+        return None
+    modes = []
+    for pair in blocks:
+        block = []
+        for fn in pair:
+            modules = getattr(fn, "submodules", None)
+            block.append(None if modules is None else (modules, tuple(m.training for m in modules)))
+        modes.append(tuple(block))
+    return tuple(modes)
+
+
 def make_plan(where, blocks, params, kwargs, generator, x1, x2, checkpoint_every=None, reverse_mode_only=False,
-              higher_order=False, dedupe=True):
-    """Flatten the call's tensors and fix its seeds and autocast state in a :class:`Plan`."""
+              higher_order=False, dedupe=True, replay=None, deterministic=False):
+    """Flatten the call's tensors and fix its seeds and autocast state in a :class:`Plan`.
+
+    ``replay``: whether the call's random numbers must be replayable (``None``: when
+    grad is enabled and an input requires it, i.e. a backward can follow). Without a
+    generator, a seed is drawn from the global RNG only then, and not when
+    ``deterministic`` (where the forward instead checks that no branch uses the RNG).
+    """
     tensors, binds = _flatten(blocks, params, kwargs, dedupe)
     if reverse_mode_only:
         _reject_forward_mode(where, (x1, x2, *tensors))
-    plan = Plan(where, tuple(tuple(b) for b in blocks), tuple(binds), _resolve_seeds(generator, len(blocks)),
-                _exact_states(len(blocks), checkpoint_every), _autocast_state(x1.device.type), higher_order)
+    if replay is None:
+        replay = torch.is_grad_enabled() and any(t.requires_grad for t in (x1, x2, *tensors))
+    draw = replay and not deterministic
+    rng_check = generator is None and deterministic and replay and not _under_compile()
+    plan = Plan(where, tuple(tuple(b) for b in blocks), tuple(binds), _resolve_seeds(generator, len(blocks), draw),
+                _exact_states(len(blocks), checkpoint_every), _autocast_state(x1.device.type), higher_order,
+                _modes(blocks), rng_check)
     return plan, tensors
 
 
@@ -146,6 +172,7 @@ def reversible_sequence(
     checkpoint_every: Optional[int] = None,
     check_reconstruction: Union[None, bool, float] = None,
     higher_order: bool = False,
+    deterministic: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Apply a stack of additive coupling blocks with activation memory constant in depth.
 
@@ -163,7 +190,9 @@ def reversible_sequence(
         kwargs: ``None`` or ``[(f_kwargs, g_kwargs), ...]`` (see :func:`revfunc.route_args`).
             Tensors become inputs of the Function; other values are closed over.
         generator: source of the call's one base seed (see :mod:`revfunc.random`). ``None``:
-            one draw from the global RNG (none inside ``torch.compile``).
+            one draw from the global RNG when a backward can follow (grad enabled and an
+            input requires grad); none under ``torch.no_grad()`` or inside
+            ``torch.compile``, where branches use the global RNG as is.
         checkpoint_every: keep the exact stream every ``k`` blocks (memory O(L/k)); bounds
             reconstruction drift in deep low-precision stacks. ``None``: keep none.
         check_reconstruction: debug check. ``True`` or a float tolerance: before the
@@ -180,6 +209,10 @@ def reversible_sequence(
             (``grad(grad(f))``, ``jacrev(jacrev(f))``) nor for ``create_graph=True``
             outside transforms, which work (at O(L) memory) either way; without it, the
             same-level case raises instead of returning a wrong result.
+        deterministic: declare that no branch draws random numbers: with no generator,
+            no seed is drawn and no RNG state is forked. The forward checks the global
+            RNG around each branch and raises if one did draw (never a silent wrong
+            gradient). ``revfunc.nn.ReversibleSequence`` sets it in eval mode.
 
     Memory: activations are O(1) in depth for ``loss.backward()``, ``torch.autograd.grad``,
     ``torch.func.grad``/``grad_and_value``/``vjp``, ``vmap(grad)`` and ``torch.compile`` of
@@ -214,30 +247,51 @@ def reversible_sequence(
     where = "revfunc.reversible_sequence"
     validate(where, blocks, params, x1, x2, kwargs, generator)
     _checks.check_positive_int(where, "checkpoint_every", checkpoint_every)
-    if not isinstance(higher_order, bool):
-        raise TypeError(_checks.msg(where, "higher_order", "a bool", _checks.describe(higher_order)))
+    for name, value in (("higher_order", higher_order), ("deterministic", deterministic)):
+        if not isinstance(value, bool):
+            raise TypeError(_checks.msg(where, name, "a bool", _checks.describe(value)))
+    _check_tolerance_arg(where, check_reconstruction)
+    checking = check_reconstruction is not None and check_reconstruction is not False
     plan, tensors = make_plan(where, blocks, params, kwargs, generator, x1, x2, checkpoint_every,
-                              reverse_mode_only=True, higher_order=higher_order)
-    if check_reconstruction is not None and check_reconstruction is not False:
+                              reverse_mode_only=True, higher_order=higher_order, deterministic=deterministic,
+                              replay=True if checking else None)
+    if checking:
         _check_drift(plan, x1, x2, tensors, check_reconstruction)
     out = function_for(len(tensors)).apply(plan, x1, x2, *tensors)
     return out[0], out[1]
 
 
-def _apply_block(plan: Plan, i: int, tensors, a1, a2, step):
-    """Block i's ``couple`` or ``uncouple`` step with its params, kwargs and child seeds."""
+def _check_tolerance_arg(where: str, value) -> None:
+    """``check_reconstruction``: None/False (off), True (dtype default) or a tolerance > 0."""
+    if value is None or isinstance(value, bool):
+        return
+    if not isinstance(value, (int, float)):
+        raise TypeError(_checks.msg(where, "check_reconstruction", "None, a bool or a float tolerance > 0",
+                                    _checks.describe(value)))
+    if not value > 0 or value != value or value == float("inf"):
+        raise ValueError(_checks.msg(where, "check_reconstruction", "a finite tolerance > 0 (False turns it off)",
+                                     repr(value)))
+
+
+def _apply_block(plan: Plan, i: int, tensors, a1, a2, step, checked: bool = False):
+    """Block i's ``couple`` or ``uncouple`` step with its params, kwargs and child seeds;
+    ``checked``: refuse in-place updates as the reversible forward does."""
     f, g = plan.blocks[i]
     (fp, fk), (gp, gk) = bind(plan.binds[i][0], tensors), bind(plan.binds[i][1], tensors)
-    return step(f, g, fp, gp, a1, a2, fk, gk, plan.seed(i, 0), plan.seed(i, 1))
+    if not checked:
+        return step(f, g, fp, gp, a1, a2, fk, gk, plan.seed(i, 0), plan.seed(i, 1))
+    return step(f, g, fp, gp, a1, a2, fk, gk, plan.seed(i, 0), plan.seed(i, 1),
+                call_f=functools.partial(checked_call, plan.where, i, "f"),
+                call_g=functools.partial(checked_call, plan.where, i, "g"))
 
 
-def _run_plain(plan: Plan, x1, x2, tensors, record: bool = False):
+def _run_plain(plan: Plan, x1, x2, tensors, record: bool = False, checked: bool = False):
     """Plain forward of a plan; with ``record``, also the list of every block input."""
     inputs = []
     for i in range(len(plan.blocks)):
         if record:
             inputs.append((x1, x2))
-        x1, x2 = _apply_block(plan, i, tensors, x1, x2, couple)
+        x1, x2 = _apply_block(plan, i, tensors, x1, x2, couple, checked)
     return x1, x2, inputs
 
 
@@ -248,18 +302,20 @@ def rebuilt_inputs(plan: Plan, x1, x2, tensors):
     At ``plan.exact`` states the rebuild restarts from the true stream, as in backward.
     """
     with torch.no_grad():
-        y1, y2, inputs = _run_plain(plan, x1, x2, tensors, record=True)
+        y1, y2, inputs = _run_plain(plan, x1, x2.clone(), tensors, record=True, checked=True)
         exact = set(plan.exact)
         for i in range(len(plan.blocks) - 1, -1, -1):
             if i + 1 in exact:
                 y1, y2 = inputs[i + 1]
-            y1, y2 = _apply_block(plan, i, tensors, y1, y2, uncouple)
+            y1, y2 = _apply_block(plan, i, tensors, y1, y2, uncouple, checked=True)
             yield i, (y1, y2), inputs[i]
 
 
 def _drift(plan: Plan, x1, x2, tensors) -> List[float]:
     """Per-block relative error of the rebuilt input against the true one (no grad)."""
     errors = [0.0] * len(plan.blocks)
+    if x1.numel() == 0:  # nothing to rebuild: no drift
+        return errors
     for i, (r1, r2), (t1, t2) in rebuilt_inputs(plan, x1, x2, tensors):
         scale = torch.maximum(t1.abs().max(), t2.abs().max()).double()
         diff = torch.maximum((r1 - t1).abs().max(), (r2 - t2).abs().max()).double()
@@ -334,9 +390,10 @@ def reversible_inverse(
     """
     where = "revfunc.reversible_inverse"
     validate(where, blocks, params, y1, y2, kwargs, generator, names=("y1", "y2"))
-    plan, tensors = make_plan(where, blocks, params, kwargs, generator, y1, y2)
+    plan, tensors = make_plan(where, blocks, params, kwargs, generator, y1, y2, replay=True)
+    y1 = y1.clone()  # the last g sees a copy: a branch that writes its input cannot reach the caller's
     for i in range(len(plan.blocks) - 1, -1, -1):
-        y1, y2 = _apply_block(plan, i, tensors, y1, y2, uncouple)
+        y1, y2 = _apply_block(plan, i, tensors, y1, y2, uncouple, checked=True)
     return y1, y2
 
 
@@ -367,5 +424,5 @@ def reconstruction_error(
     where = "revfunc.reconstruction_error"
     validate(where, blocks, params, x1, x2, kwargs, generator)
     _checks.check_positive_int(where, "checkpoint_every", checkpoint_every)
-    plan, tensors = make_plan(where, blocks, params, kwargs, generator, x1, x2, checkpoint_every)
+    plan, tensors = make_plan(where, blocks, params, kwargs, generator, x1, x2, checkpoint_every, replay=True)
     return _drift(plan, x1, x2, tensors)

@@ -96,7 +96,8 @@ def reversible_vjp(
     validate(where, blocks, params, x1, x2, kwargs, generator)
     _checks.check_positive_int(where, "checkpoint_every", checkpoint_every)
     # One slot per leaf (no identity dedupe): each name gets its own gradient term.
-    plan, tensors = make_plan(where, blocks, params, kwargs, generator, x1, x2, checkpoint_every, dedupe=False)
+    plan, tensors = make_plan(where, blocks, params, kwargs, generator, x1, x2, checkpoint_every, dedupe=False,
+                              replay=True)
     param_slots = [[b[0] for b in block] for block in plan.binds]  # [(name, slot), ...] per branch
     is_param = {j for block in param_slots for branch in block for _, j in branch}
     needs = [j in is_param and t.is_floating_point() for j, t in enumerate(tensors)]
