@@ -5,7 +5,7 @@ Core names are re-exported here; see ``revfunc.nn`` for the drop-in container mo
 """
 
 from revfunc.coupling import coupling, coupling_inverse
-from revfunc.functional import pure, pure_blocks
+from revfunc.functional import merge_buffers, pure, pure_blocks, split_buffers
 from revfunc.routing import layer_drop, route_args
 from revfunc.sequence import (
     ReconstructionError,
@@ -23,6 +23,8 @@ __all__ = [
     "coupling_inverse",
     "pure",
     "pure_blocks",
+    "split_buffers",
+    "merge_buffers",
     "reversible_sequence",
     "reversible_inverse",
     "reversible_vjp",

@@ -15,7 +15,7 @@ from torch import nn
 from revfunc import _checks
 from revfunc._types import Block, BranchFn, Params
 
-__all__ = ["pure", "pure_blocks", "PureModule"]
+__all__ = ["pure", "pure_blocks", "PureModule", "split_buffers", "merge_buffers"]
 
 # Bumped whenever any module anywhere registers a submodule, parameter or buffer
 # (assignment, weight_norm, parametrizations, register_*): containers that cache the
@@ -173,3 +173,60 @@ def pure_blocks(layers: Iterable[Any]) -> Tuple[List[Block], List[Tuple[Dict[str
         blocks.append((f, g))
         params.append((fp, gp))
     return blocks, params
+
+
+def _map_dicts(fn, tree):
+    """Apply ``fn`` to every dict of a nested list/tuple of dicts (params' structure)."""
+    if isinstance(tree, dict):
+        return fn(tree)
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_map_dicts(fn, t) for t in tree)
+    raise TypeError(_checks.msg("revfunc.split_buffers", "params", "a dict or nested lists/tuples of dicts",
+                                _checks.describe(tree)))
+
+
+def split_buffers(params: Any) -> Tuple[Any, Any]:
+    """Split parameter dicts into floating tensors and everything else, as torch.func expects.
+
+    ``pure``/``pure_blocks`` put a module's buffers next to its parameters (so a branch
+    sees all its tensors), but ``torch.func.grad`` refuses integer tensors (e.g.
+    BatchNorm's ``num_batches_tracked``). Differentiate the first part, pass the second
+    along, and join them with :func:`merge_buffers` inside the loss.
+
+    Args:
+        params: a dict ``{name: tensor}`` or nested lists/tuples of such dicts (what
+            ``pure_blocks`` returns).
+
+    Returns:
+        ``(floating, rest)``: two structures shaped like ``params``; ``floating`` holds
+        the floating-point tensors, ``rest`` every other entry.
+
+    Pure: yes (the tensors are not copied).
+
+    Example:
+        >>> import torch
+        >>> _, p = pure(torch.nn.BatchNorm1d(2))
+        >>> floating, rest = split_buffers(p)
+        >>> sorted(floating), sorted(rest)
+        (['bias', 'running_mean', 'running_var', 'weight'], ['num_batches_tracked'])
+    """
+    def floating(d):
+        return {k: v for k, v in d.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+
+    def rest(d):
+        return {k: v for k, v in d.items() if not (isinstance(v, torch.Tensor) and v.is_floating_point())}
+
+    return _map_dicts(floating, params), _map_dicts(rest, params)
+
+
+def merge_buffers(params: Any, buffers: Any) -> Any:
+    """Join what :func:`split_buffers` split: the same structure, each dict merged.
+
+    Pure: yes.
+    """
+    if isinstance(params, dict):
+        return {**params, **buffers}
+    if isinstance(params, (list, tuple)) and isinstance(buffers, (list, tuple)) and len(params) == len(buffers):
+        return type(params)(merge_buffers(p, b) for p, b in zip(params, buffers))
+    raise TypeError(_checks.msg("revfunc.merge_buffers", "buffers", "the structure of params",
+                                _checks.describe(buffers)))

@@ -90,6 +90,14 @@ class ReversibleBlock(nn.Module):
         ``weight_norm``, a new parameter), the pure view is rebuilt, and modules that
         update running statistics are rejected again.
         """
+        if torch.compiler.is_compiling():
+            # Read only: a write here would change a guarded attribute and recompile.
+            if self.f.net is not self._pure[0].module or self.g.net is not self._pure[1].module:
+                raise RuntimeError(
+                    "revfunc.nn.ReversibleBlock: a branch module was replaced since the last eager call, and "
+                    "torch.compile cannot rebuild the block's pure view while tracing. Call the model once "
+                    "outside torch.compile after editing it (or edit it before compiling).")
+            return self._pure, (self._pure[0].live_params(), self._pure[1].live_params())
         generation = structure_generation()
         if self._generation != generation:
             if self.f.net is not self._pure[0].module or self.g.net is not self._pure[1].module \
@@ -191,6 +199,8 @@ class ReversibleSequence(nn.Module):
         self.layer_dropout = _check_layer_dropout(where, layer_dropout)
         self.blocks = nn.ModuleList([ReversibleBlock(f=f, g=g) for f, g in pairs])
         _reject_stateful(where, self.blocks, "blocks")
+        for block in self.blocks:
+            block.pure()  # settle the pure views after the registrations above
 
     def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None, **kwargs: Any) -> torch.Tensor:
         if generator is None and torch.compiler.is_compiling():

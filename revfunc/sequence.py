@@ -14,6 +14,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import torch
 
 from revfunc import _checks
+from revfunc._tolerances import default_tolerances
 from revfunc._function import Plan, bind, checked_call, function_for
 from revfunc._types import BlockKwargs, BlockParams, Blocks
 from revfunc.coupling import couple, uncouple
@@ -326,8 +327,6 @@ def _drift(plan: Plan, x1, x2, tensors) -> List[float]:
 
 def _check_drift(plan: Plan, x1, x2, tensors, tolerance) -> None:
     if tolerance is True:
-        from revfunc.testing._tolerances import default_tolerances
-
         tolerance = default_tolerances(x1.dtype)[0]
     errors = _drift(plan, x1, x2, tensors)
     # Backward rebuilds from the last block down: the first block past the tolerance in
@@ -363,9 +362,15 @@ def sequential_sequence(
     Pure: as :func:`reversible_sequence`.
     Differentiable in: x1, x2, params, floating kwargs tensors (any order, forward mode too).
     """
+    return run_sequential(blocks, params, x1, x2, kwargs, generator)
+
+
+def run_sequential(blocks, params, x1, x2, kwargs=None, generator=None, replay=None):
+    """:func:`sequential_sequence` with :func:`make_plan`'s ``replay`` (``True``: draw the
+    seeds a gradient-taking call would draw, e.g. for finite differences under no_grad)."""
     where = "revfunc.sequential_sequence"
     validate(where, blocks, params, x1, x2, kwargs, generator)
-    plan, tensors = make_plan(where, blocks, params, kwargs, generator, x1, x2)
+    plan, tensors = make_plan(where, blocks, params, kwargs, generator, x1, x2, replay=replay)
     y1, y2, _ = _run_plain(plan, x1, x2, tensors)
     return y1, y2
 

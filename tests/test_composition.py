@@ -10,7 +10,7 @@ from helpers import assert_all_close, flat_params, inputs, loss_of, make_stack
 from revfunc.random import dropout
 from revfunc.testing.blocks import transformer_layers
 
-CLASSIC = classic.load()
+CLASSIC = classic.CLASSIC
 
 
 def test_interleaved_calls_each_get_their_own_gradients():
@@ -227,3 +227,30 @@ def test_compile_fullgraph_of_the_sequential_sequence_module():
     mask[:, 0] = True
     torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="aot_eager")(x, mask=mask),
                                model(x, mask=mask), rtol=1e-6, atol=1e-6)
+
+
+def test_compiled_module_compiles_once_over_repeated_calls():
+    """The adapter's pure-view cache must not be written inside the compiled region
+    (a write to a guarded attribute recompiles on the next call)."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    torch.nn.Linear(2, 2)  # a registration anywhere after construction: the adapter must not care
+    model = rnn.ReversibleSequence(transformer_layers(2, 8, heads=2))
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter)
+    x = torch.randn(2, 5, 8)
+    for _ in range(3):
+        compiled(x).pow(2).sum().backward()
+    assert counter.frame_count == 1
+
+
+def test_a_branch_replaced_then_compiled_without_an_eager_call_is_a_clear_error():
+    torch._dynamo.reset()
+    model = rnn.ReversibleSequence(transformer_layers(2, 8, heads=2))
+    model.blocks[0].f.net = torch.nn.Linear(8, 8)
+    with pytest.raises(Exception, match=r"a branch module was replaced since the last eager call"):
+        torch.compile(model, backend="eager", fullgraph=True)(torch.randn(2, 5, 8))
+    model(torch.randn(2, 5, 8))  # one eager call rebuilds; then compiling works
+    torch.compile(model, backend="eager", fullgraph=True)(torch.randn(2, 5, 8))

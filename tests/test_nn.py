@@ -15,7 +15,7 @@ import revfunc.nn as rnn
 from helpers import assert_all_close
 from revfunc.testing.blocks import transformer_layers
 
-CLASSIC = classic.load()
+CLASSIC = classic.CLASSIC
 DEPTH, DIM = 3, 16
 
 
@@ -23,7 +23,7 @@ def transformer_pair(dropout=0.0):
     torch.manual_seed(0)
     layers = transformer_layers(DEPTH, DIM, heads=4, dropout=dropout).double()
     route = {"mask": ((True, False),) * DEPTH}
-    old = CLASSIC.ReversibleSequence(layers, args_route=route)
+    old = CLASSIC.ReversibleSequence(layers, args_route=route) if classic.available() else None
     new = rnn.ReversibleSequence(copy.deepcopy(layers), args_route=route)
     return old, new
 
@@ -50,6 +50,7 @@ def classic_grads(module, loss):
 
 
 def test_classic_checkpoint_loads_strictly_and_gives_the_same_outputs_and_gradients():
+    classic.load()  # skips without the classic file
     old, new = transformer_pair()
     new.load_state_dict(old.state_dict(), strict=True)
     assert list(new.state_dict()) == list(old.state_dict())

@@ -9,7 +9,7 @@ import revfunc.nn as rnn
 from helpers import flat_params, inputs, loss_of, make_stack, saved_bytes
 from revfunc.testing.blocks import transformer_layers
 
-CLASSIC = classic.load()
+CLASSIC = classic.CLASSIC
 
 
 class _Stack(torch.nn.Module):

@@ -62,8 +62,8 @@ def test_wrong_custom_backward_fails_assert_gradients_match():
 
     x1, x2 = inputs((2, 5), requires_grad=False)
     assert_invertible([(wrong, wrong)] * 2, params, x1, x2)  # the forward is fine
-    with pytest.raises(AssertionError, match=r"along random direction 0, .* differs from float64 finite differences.*"
-                                             r"tolerance 1e-05"):
+    with pytest.raises(AssertionError, match=r"block 0 branch f: its gradient w.r.t. \(input x, params\) along a random "
+                                             r"direction .* differs from float64 finite differences.*tolerance 1e-05"):
         assert_gradients_match([(wrong, wrong)] * 2, params, x1, x2)
 
 
@@ -89,4 +89,43 @@ def test_grad_mode_dependent_block_fails_the_comparison_with_plain_autograd():
     with pytest.raises(AssertionError, match=r"gradient of (x1|x2|params\[\d\] \([fg]\) '[wb]') from "
                                              r"revfunc.reversible_sequence differs from plain autograd .*"
                                              r"max abs error .* > tolerance rtol=1e-07, atol=1e-09"):
+        assert_gradients_match(blocks, params, x1, x2)
+
+
+class _DoubledBackward(torch.autograd.Function):
+    """tanh with a deliberately wrong backward (a factor of 2)."""
+
+    @staticmethod
+    def forward(x):
+        return torch.tanh(x)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(output)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (y,) = ctx.saved_tensors
+        return 2 * grad * (1 - y ** 2)
+
+
+def test_a_wrong_custom_backward_is_named_by_block_branch_and_tensor():
+    from revfunc.testing import assert_gradients_match
+
+    gen = torch.Generator().manual_seed(0)
+    d = 4
+
+    def good(p, x):
+        return torch.tanh(x @ p["w"])
+
+    def bad(p, x):
+        return _DoubledBackward.apply(x @ p["w"])
+
+    params = [({"w": torch.randn(d, d, generator=gen, dtype=torch.float64) / 2},
+               {"w": torch.randn(d, d, generator=gen, dtype=torch.float64) / 2}) for _ in range(3)]
+    blocks = [(good, good), (good, bad), (good, good)]
+    x1, x2 = (torch.randn(2, d, generator=gen, dtype=torch.float64) for _ in range(2))
+    with pytest.raises(AssertionError, match=r"assert_gradients_match: block 1 branch g: its gradient w.r.t. "
+                                             r"\(input x, params\) .* differs from float64 finite differences.*"
+                                             r"largest term from tensor '(x|w)'"):
         assert_gradients_match(blocks, params, x1, x2)

@@ -9,7 +9,7 @@ and the tolerance; default tolerances per dtype are in :data:`DEFAULT_TOLERANCES
 """
 
 from revfunc.testing._asserts import assert_gradients_match, assert_invertible
-from revfunc.testing._tolerances import DEFAULT_TOLERANCES, default_tolerances
+from revfunc._tolerances import DEFAULT_TOLERANCES, default_tolerances
 
 __all__ = ["assert_invertible", "assert_gradients_match", "DEFAULT_TOLERANCES", "default_tolerances", "strategies"]
 

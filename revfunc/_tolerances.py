@@ -1,7 +1,8 @@
 """Default comparison tolerances per dtype, ``(rtol, atol)``.
 
 float64 is tight enough to catch a wrong gradient formula; lower precisions leave room
-for rounding of a rebuilt stream (see docs/numerics.md for measured drift).
+for rounding of a rebuilt stream (see docs/numerics.md for measured drift). Used by
+``check_reconstruction=True`` and re-exported by :mod:`revfunc.testing`.
 """
 
 from __future__ import annotations
