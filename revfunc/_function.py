@@ -5,8 +5,12 @@ storing activations; ``setup_context`` saves the final ``(y1, y2)``, the exact
 boundary states kept by ``checkpoint_every`` and the caller's tensors (parameters,
 keyword tensors) with ``ctx.save_for_backward``; ``backward`` walks the blocks in
 reverse, rebuilding each block's input from its output and back-propagating through a
-recomputation of ``f`` and ``g`` with ``torch.func.vjp``. Parameter gradients are
-*returned*, never written to ``.grad``.
+recomputation of ``f`` and ``g`` (``torch.autograd.grad`` in plain eager mode,
+``torch.func.vjp`` otherwise). Under a ``torch.func`` grad transform the walk runs one
+functorch level down, so nothing is recorded at the transform's level (O(1) memory in
+depth; ``revfunc._levels``). Parameter gradients are *returned*, never written to ``.grad``.
+Forward branch calls go through :func:`checked_call`, which refuses in-place updates
+that a recomputation would repeat.
 
 All per-call state (the blocks, where each flat tensor goes, the child seeds, the
 autocast state) lives in a :class:`Plan` passed as the first argument and kept on
@@ -26,6 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from revfunc import _checks
+from revfunc._levels import SAME_LEVEL, current_grad_interpreter, guarded, records_below
 from revfunc.random import call_branch
 
 # (param_slots, differentiable_kwarg_slots, other_kwarg_slots, static_kwargs) for one branch.
@@ -305,93 +310,6 @@ def run_backward(plan: Plan, dy1, dy2, saved: Sequence[torch.Tensor], needs: Seq
     return dy1, dy2, grads
 
 
-_SAME_LEVEL = (
-    "{where}: the gradient it returned is being differentiated again at the same torch.func level "
-    "(e.g. torch.autograd.grad(..., create_graph=True) inside torch.func.grad, then a second gradient "
-    "of that). By default its backward records nothing there, to keep activation memory constant in "
-    "depth. Pass higher_order=True to record the recomputation (O(depth) memory), or nest transforms "
-    "instead (torch.func.grad(torch.func.grad(f)) and jacrev(jacrev(f)) work without it)."
-)
-
-
-def _current_grad_interpreter():
-    """The functorch ``grad``/``vjp`` interpreter on top of the stack, or ``None``."""
-    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is None:
-        return None
-    from torch._C._functorch import TransformType
-    from torch._functorch.pyfunctorch import retrieve_current_functorch_interpreter
-
-    interpreter = retrieve_current_functorch_interpreter()
-    return interpreter if interpreter.key() == TransformType.Grad else None
-
-
-def _records_below() -> bool:
-    """Whether a functorch grad/jvp level below the current one will record our ops."""
-    from torch._C._functorch import TransformType
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-
-    if torch._C._functorch.peek_interpreter_stack() is None:
-        return False
-    return any(i.key() in (TransformType.Grad, TransformType.Jvp) for i in retrieve_all_functorch_interpreters())
-
-
-def _guard_at_level(level: int, results, anchors, message: str):
-    """Return ``results`` unchanged in value, attached at functorch ``level`` to a node whose
-    backward raises ``message``: differentiating them again at that level is an error, not
-    a silent zero. ``anchors`` are tensors of that level that require grad (so the node
-    attaches); the node saves nothing."""
-    from torch._C._functorch import _unwrap_for_grad, _wrap_for_grad
-    from torch._functorch.autograd_function import enable_single_level_autograd_function
-
-    n = len(results)
-
-    class NotTwiceAtThisLevel(torch.autograd.function._SingleLevelFunction):
-        @staticmethod
-        def forward(*ts):
-            return tuple(_wrap_for_grad(_unwrap_for_grad(t, level), level) for t in ts[:n])
-
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            pass
-
-        @staticmethod
-        def backward(ctx, *grads):
-            raise RuntimeError(message)
-
-    with enable_single_level_autograd_function():
-        return NotTwiceAtThisLevel.apply(*results, *anchors)
-
-
-class _NotTwiceAtBase(torch.autograd.Function):
-    """Plain-autograd twin of :func:`_guard_at_level` (``results`` then ``anchors``)."""
-
-    @staticmethod
-    def forward(ctx, n, message, *ts):
-        ctx.message = message
-        return tuple(t.view_as(t) for t in ts[:n])
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError(ctx.message)
-
-
-def _guarded(results, anchors, message, level=None):
-    """Guard the defined tensors of ``results`` (at ``level``, or plain autograd if None)."""
-    anchors = [a for a in anchors if a is not None and a.requires_grad]
-    index = [k for k, r in enumerate(results) if r is not None]
-    if not anchors or not index:
-        return results
-    defined = [results[k] for k in index]
-    if level is None:
-        out = _NotTwiceAtBase.apply(len(defined), message, *defined, *anchors)
-    else:
-        out = _guard_at_level(level, defined, anchors, message)
-    results = list(results)
-    for k, r in zip(index, out):
-        results[k] = r
-    return results
-
-
 def _backward_one_level_down(interpreter, plan: Plan, dy1, dy2, saved, needs):
     """The backward walk for a ``torch.func`` grad level, recorded only below it.
 
@@ -411,18 +329,18 @@ def _backward_one_level_down(interpreter, plan: Plan, dy1, dy2, saved, needs):
         return None if t is None else _unwrap_for_grad(t, level)
 
     saved_down = [unwrap(t) for t in saved]
-    message = _SAME_LEVEL.format(where=plan.where)
+    message = SAME_LEVEL.format(where=plan.where)
     with interpreter.lower():
-        records = _records_below()
+        records = records_below()
         base_grad = torch.is_grad_enabled()
         with contextlib.nullcontext() if records else torch.no_grad():
             dx1, dx2, grads = run_backward(plan, unwrap(dy1), unwrap(dy2), saved_down, needs)
         results = [dx1, dx2, *grads]
         if not records and base_grad and torch._C._functorch.peek_interpreter_stack() is None:
-            results = _guarded(results, saved_down, message)
+            results = guarded(results, saved_down, message)
     results = [None if r is None else _wrap_for_grad(r, level) for r in results]
     if torch.is_grad_enabled():
-        results = _guarded(results, (dy1, dy2, *saved), message, level)
+        results = guarded(results, (dy1, dy2, *saved), message, level)
     return results[0], results[1], results[2:]
 
 
@@ -440,7 +358,7 @@ class _ReversibleBase(torch.autograd.Function):
     def backward(ctx, dy1, dy2, *_boundary_grads):
         needs = ctx.needs_input_grad
         plan = ctx.plan
-        interpreter = None if plan.higher_order else _current_grad_interpreter()
+        interpreter = None if plan.higher_order else current_grad_interpreter()
         if interpreter is not None:
             dx1, dx2, grads = _backward_one_level_down(interpreter, plan, dy1, dy2, ctx.saved_tensors, needs[3:])
         else:

@@ -27,7 +27,9 @@ configuration, VmHWM after fwd+bwd minus VmRSS just before the forward, with
 gradients, shown in the last column). CPU memory workers run before this process imports
 torch, so none inherits its peak RSS.
 
-Writes ``bench.json`` and ``bench.png`` (time ratio and memory vs depth) to ``--out``.
+Writes ``bench.json``, ``bench.md`` (the table with the command, date and machine, which
+the docs embed) and ``bench.png`` (time ratio and memory vs depth) to ``--out``;
+``--drift`` writes ``drift.json`` and ``drift.md``.
 """
 
 from __future__ import annotations
@@ -347,6 +349,66 @@ def report(args, times, ratios, saved, grads, peaks) -> dict:
     return {"config": {k: v for k, v in vars(args).items() if k != "worker"}, "rows": rows}
 
 
+def _provenance(result: dict) -> str:
+    machine = result.get("machine", {})
+    return (f"Command: `{result['command']}`; measured {result['date']} on {machine.get('device', '?')} "
+            f"({machine.get('cpus', '?')} CPUs, {machine.get('threads', '?')} torch threads), "
+            f"torch {machine.get('torch', '?')}.")
+
+
+def render_markdown(result: dict) -> str:
+    """The main run as markdown: provenance line and one table (docs embed this file)."""
+    rows = result["rows"]
+    lines = [_provenance(result), "",
+             "| depth | method | time / plain | plain ms | saved MiB | peak MiB | peak / plain | new grads MiB |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    plain_ms = {r["depth"]: r["seconds"] * 1e3 for r in rows if r["method"] == "plain"}
+    for r in rows:
+        saved = "n/a" if r["saved_bytes"] is None else f"{r['saved_bytes'] / 2**20:.2f}"
+        peak = "n/a" if r["peak_bytes"] is None else f"{r['peak_bytes'] / 2**20:.1f}"
+        ratio = "n/a" if r["peak_ratio"] is None else f"{r['peak_ratio']:.2f}x"
+        lines.append(f"| {r['depth']} | {r['method']} | {r['time_ratio']:.2f}x | {plain_ms[r['depth']]:.1f} | "
+                     f"{saved} | {peak} | {ratio} | {r['grad_bytes'] / 2**20:.1f} |")
+    return "\n".join(lines) + "\n"
+
+
+def render_drift_markdown(result: dict) -> str:
+    """The drift run as markdown: drift by dtype and depth, and the autocast gradient error."""
+    depths = sorted({d["depth"] for d in result["drift"]})
+    dtypes = list(dict.fromkeys(d["dtype"] for d in result["drift"]))
+    by = {(d["dtype"], d["depth"]): d["max_error"] for d in result["drift"]}
+    lines = [_provenance(result), "", "| dtype | " + " | ".join(f"depth {n}" for n in depths) + " |",
+             "| --- |" + " --- |" * len(depths)]
+    for t in dtypes:
+        lines.append(f"| {t.replace('torch.', '')} | " + " | ".join(f"{by[t, n]:.1e}" for n in depths) + " |")
+    lines += ["", "| checkpoint_every | bf16 autocast gradient error | stream tensors saved |", "| --- | --- | --- |"]
+    for a in result["autocast"]:
+        lines.append(f"| {a['checkpoint_every']} | {a['grad_error']:.1e} | {a['saved_stream_tensors']} |")
+    if "classic_autocast_grad_error" in result:
+        lines.append(f"| classic `reversible.py` | {result['classic_autocast_grad_error']:.1e} | - |")
+    return "\n".join(lines) + "\n"
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "cpu"
+
+
+def _machine(args) -> dict:
+    import torch
+
+    device = torch.cuda.get_device_name() if args.device.startswith("cuda") else _cpu_name()
+    return {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(), "device": device}
+
+
 def plot(result: dict, path: pathlib.Path) -> bool:
     try:
         import matplotlib
@@ -457,10 +519,14 @@ def main(argv=None) -> dict:
         return {}
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    command = "python -m revfunc.bench" + "".join(f" {a}" for a in argv)
+    date = time.strftime("%Y-%m-%d")
     if args.drift:
         result = drift(args)
+        result.update(command=command, date=date, machine=_machine(args))
         (out / "drift.json").write_text(json.dumps(result, indent=2))
-        print(f"\nwrote {out / 'drift.json'}")
+        (out / "drift.md").write_text(render_drift_markdown(result))
+        print(f"\nwrote {out / 'drift.json'} and {out / 'drift.md'}")
         return result
     print(f"revfunc.bench: depths {args.depths}, d={args.dim}, seq={args.seq}, batch={args.batch}, "
           f"{args.dtype} on {args.device}; methods {methods(args)}", flush=True)
@@ -473,11 +539,11 @@ def main(argv=None) -> dict:
         torch.set_num_threads(args.threads)
     times, ratios, saved, grads = timings(args)
     result = report(args, times, ratios, saved, grads, peaks)
-    result["machine"] = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpus": os.cpu_count(),
-                         "device": torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"}
+    result.update(command=command, date=date, machine=_machine(args))
     (out / "bench.json").write_text(json.dumps(result, indent=2))
+    (out / "bench.md").write_text(render_markdown(result))
     wrote_plot = plot(result, out / "bench.png")
-    print(f"\nwrote {out / 'bench.json'}" + (f" and {out / 'bench.png'}" if wrote_plot else ""))
+    print(f"\nwrote {out / 'bench.json'}, {out / 'bench.md'}" + (f" and {out / 'bench.png'}" if wrote_plot else ""))
     return result
 
 

@@ -12,6 +12,8 @@ def test_bench_writes_json_and_plot_with_every_method(tmp_path):
                          "--repeats", "1", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
     assert rows == result["rows"]
+    assert (tmp_path / "bench.md").read_text() == bench.render_markdown(result)
+    assert "| 4 | revfunc |" in (tmp_path / "bench.md").read_text() and result["command"].startswith("python -m")
     assert (tmp_path / "bench.png").stat().st_size > 0
     methods = {r["method"] for r in rows}
     classic_rows = {"classic"} if classic.available() else set()  # the classic code is optional
@@ -32,3 +34,4 @@ def test_drift_report_covers_dtypes_depths_and_checkpoint_every(tmp_path):
     by_k = {a["checkpoint_every"]: a["grad_error"] for a in result["autocast"]}
     assert by_k[1] < 1e-6  # exact boundaries everywhere: only bf16 arithmetic itself
     assert json.loads((tmp_path / "drift.json").read_text()) == result
+    assert (tmp_path / "drift.md").read_text() == bench.render_drift_markdown(result)

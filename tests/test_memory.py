@@ -53,21 +53,37 @@ def test_activation_memory_is_flat_in_depth(measured, path):
     assert rev_d <= 0.25 * plain_d, f"revfunc stores more than a quarter of plain autograd on {path}: {mib}"
 
 
-def main() -> None:
-    """Print the measured table: ``python tests/test_memory.py`` (about 2 minutes on 2 cores)."""
-    import torch
-
-    results = measured.__wrapped__()
-    print(f"torch {torch.__version__}; activation MiB of one gradient step (peak RSS minus gradients)\n")
-    print("| path | depths | revfunc | plain autograd |")
-    print("| --- | --- | --- | --- |")
+def render(results, torch_version: str, date: str, command: str) -> str:
+    """The measured table as markdown, with its command, date and torch version."""
+    lines = [f"Command: `{command}`; measured {date}, "
+             f"torch {torch_version}. Activation MiB of one gradient step (peak RSS minus the level before "
+             "and the returned gradients), depth shallow → deep.", "",
+             "| path | depths | revfunc | plain autograd |", "| --- | --- | --- | --- |"]
     for path in EAGER_PATHS + COMPILED_PATHS:
         s, d = DEPTHS[path]
 
         def mib(method):
             return " → ".join(f"{results[path, method, k] / 2 ** 20:.1f}" for k in (s, d))
 
-        print(f"| {path} | {s} → {d} | {mib('revfunc')} | {mib('plain')} |")
+        lines.append(f"| {path} | {s} → {d} | {mib('revfunc')} | {mib('plain')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    """Print (or with ``--out FILE`` write) the measured table (about 2 minutes on 2 cores)."""
+    import argparse
+    import time
+
+    import torch
+
+    parser = argparse.ArgumentParser(prog="python tests/test_memory.py")
+    parser.add_argument("--out", help="write the markdown table here")
+    args = parser.parse_args()
+    command = " ".join(["python tests/test_memory.py", *sys.argv[1:]])
+    text = render(measured.__wrapped__(), torch.__version__, time.strftime("%Y-%m-%d"), command)
+    if args.out:
+        pathlib.Path(args.out).write_text(text)
+    print(text)
 
 
 if __name__ == "__main__":
