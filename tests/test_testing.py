@@ -92,23 +92,6 @@ def test_grad_mode_dependent_block_fails_the_comparison_with_plain_autograd():
         assert_gradients_match(blocks, params, x1, x2)
 
 
-class _DoubledBackward(torch.autograd.Function):
-    """tanh with a deliberately wrong backward (a factor of 2)."""
-
-    @staticmethod
-    def forward(x):
-        return torch.tanh(x)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(output)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (y,) = ctx.saved_tensors
-        return 2 * grad * (1 - y ** 2)
-
-
 def test_a_wrong_custom_backward_is_named_by_block_branch_and_tensor():
     from revfunc.testing import assert_gradients_match
 
@@ -119,7 +102,7 @@ def test_a_wrong_custom_backward_is_named_by_block_branch_and_tensor():
         return torch.tanh(x @ p["w"])
 
     def bad(p, x):
-        return _DoubledBackward.apply(x @ p["w"])
+        return _WrongBackward.apply(x @ p["w"])
 
     params = [({"w": torch.randn(d, d, generator=gen, dtype=torch.float64) / 2},
                {"w": torch.randn(d, d, generator=gen, dtype=torch.float64) / 2}) for _ in range(3)]
