@@ -31,7 +31,7 @@ import torch
 
 from revfunc import _checks
 from revfunc._levels import SAME_LEVEL, current_grad_interpreter, guarded, records_below
-from revfunc.random import call_branch
+from revfunc.random import call_branch, device_module
 
 # (param_slots, differentiable_kwarg_slots, other_kwarg_slots, static_kwargs) for one branch.
 Bind = Tuple[Tuple[Tuple[str, int], ...], Tuple[Tuple[str, int], ...], Tuple[Tuple[str, int], ...], Dict[str, Any]]
@@ -101,6 +101,15 @@ def _module_of(fn, label: str) -> str:
     return f" (module {path or '<root>'!r}, {type(sub).__name__})"
 
 
+def _rng_states(device: torch.device):
+    """The global RNG states a branch on ``device`` can draw from: CPU, and the accelerator's."""
+    states = [torch.get_rng_state()]
+    module = device_module(device)
+    if module is not None:
+        states.append(module.get_rng_state(device.index if device.index is not None else module.current_device()))
+    return states
+
+
 def checked_call(where: str, index: int, branch: str, fn, params, x, kwargs, seed, rng_check: bool = False):
     """:func:`call_branch` for a reversible path, refusing what recomputation cannot replay.
 
@@ -116,7 +125,7 @@ def checked_call(where: str, index: int, branch: str, fn, params, x, kwargs, see
         return call_branch(fn, params, x, kwargs, seed)
     watched = _watch(params, x, kwargs)
     before = [t._version for _, t in watched]
-    rng_before = torch.get_rng_state() if rng_check else None
+    rng_before = _rng_states(x.device) if rng_check else None
     try:
         out = call_branch(fn, params, x, kwargs, seed)
     except TypeError as error:
@@ -130,7 +139,7 @@ def checked_call(where: str, index: int, branch: str, fn, params, x, kwargs, see
                 "and the caller's tensors (nn.ReLU(inplace=True), x.mul_()). Use out-of-place ops and stateless "
                 "modules (LayerNorm/GroupNorm, track_running_stats=False), call .eval() for modules that only update "
                 "in training, or use revfunc.sequential_sequence.")
-    if rng_check and not torch.equal(rng_before, torch.get_rng_state()):
+    if rng_check and not all(torch.equal(a, b) for a, b in zip(rng_before, _rng_states(x.device))):
         raise RuntimeError(
             f"{where}: block {index} branch {branch} drew random numbers from the global RNG, but the call was "
             "declared deterministic (deterministic=True, or revfunc.nn in eval mode), so the backward could not "

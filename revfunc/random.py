@@ -85,7 +85,8 @@ def draw_base_seed(generator: Optional[torch.Generator] = None) -> int:
         return int(seed.item())
 
 
-def _device_module(device: torch.device):
+def device_module(device: torch.device):
+    """``torch.cuda`` (etc.) for an accelerator device with RNG state functions, else ``None``."""
     if device.type == "cpu":
         return None
     module = getattr(torch, device.type, None)
@@ -124,7 +125,7 @@ def fork_and_seed(seed: int, device: torch.device | str = "cpu") -> Iterator[Non
     except (RuntimeError, TypeError) as error:
         raise ValueError(_checks.msg(where, "device", "a torch.device or device string such as 'cpu' or 'cuda:0'",
                                      _checks.describe(device))) from error
-    module = _device_module(device)
+    module = device_module(device)
     if device.type != "cpu" and (module is None or not module.is_available()):
         raise ValueError(_checks.msg(where, "device", "a device this torch build can use",
                                      f"{device} (torch.{device.type} is not available here)"))
