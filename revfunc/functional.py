@@ -81,6 +81,7 @@ class PureModule:
         this view was built from (compared after any registration anywhere)."""
         return self._layout == self._current_layout() and all(
             a is b for a, b in zip(self.submodules, self.module.modules()))
+
     def live_params(self) -> Dict[str, torch.Tensor]:
         """The module's current parameters and buffers, like :func:`module_params`, read
         through the holders recorded at construction (no module traversal per call)."""
