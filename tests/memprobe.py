@@ -25,7 +25,7 @@ import revfunc
 import revfunc.nn as rnn
 from revfunc.testing.blocks import mlp_layers, transformer_layers
 
-PATHS = ("backward", "autograd_grad", "func_grad", "grad_and_value", "vjp", "vmap_grad", "compile_step",
+PATHS = ("backward", "autograd_grad", "func_grad", "func_grad_live", "grad_and_value", "vjp", "vmap_grad", "compile_step",
          "compile_model_backward", "compile_func_grad")
 # compile_func_grad: torch.compile of torch.func.grad_and_value over reversible_sequence
 # itself. Dynamo drops the custom backward there, so it is measured for the docs, not
@@ -86,6 +86,8 @@ def make_step(path: str, method: str, depth: int):
 
     if path == "func_grad":
         return lambda: torch.func.grad(loss)(params, x, x)
+    if path == "func_grad_live":  # the README's first example: live nn.Parameters from pure_blocks
+        return lambda: torch.func.grad(loss)(live_params, x, x)
     if path == "grad_and_value":
         return lambda: torch.func.grad_and_value(loss)(params, x, x)[0]
     if path == "vjp":

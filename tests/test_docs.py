@@ -18,7 +18,7 @@ from revfunc import bench
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Files with a JSON sibling come from the benchmark and must re-render identically;
 # the memory tables (tests/test_memory.py) are checked as embedded copies only.
-GENERATED = sorted(p for p in (ROOT / "docs" / "generated").glob("*.md") if p.with_suffix(".json").exists())
+GENERATED = sorted(p for p in (ROOT / "docs" / "generated").rglob("*.md") if p.with_suffix(".json").exists())
 EMBED = re.compile(r"<!-- generated: (?P<path>\S+) -->\n(?P<body>.*?)<!-- end generated -->", re.S)
 
 

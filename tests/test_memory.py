@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 PROBE = pathlib.Path(__file__).with_name("memprobe.py")
-EAGER_PATHS = ("backward", "autograd_grad", "func_grad", "grad_and_value", "vjp", "vmap_grad")
+EAGER_PATHS = ("backward", "autograd_grad", "func_grad", "func_grad_live", "grad_and_value", "vjp", "vmap_grad")
 COMPILED_PATHS = ("compile_step", "compile_model_backward")
 DEPTHS = {**{p: (4, 16) for p in EAGER_PATHS}, **{p: (2, 8) for p in COMPILED_PATHS}}
 CASES = [(p, m, d) for p in EAGER_PATHS + COMPILED_PATHS for m in ("revfunc", "plain") for d in DEPTHS[p]]
