@@ -129,6 +129,15 @@ def fork_and_seed(seed: int, device: torch.device | str = "cpu") -> Iterator[Non
     if device.type != "cpu" and (module is None or not module.is_available()):
         raise ValueError(_checks.msg(where, "device", "a device this torch build can use",
                                      f"{device} (torch.{device.type} is not available here)"))
+    with _forked(seed, device):
+        yield
+
+
+@contextlib.contextmanager
+def _forked(seed: int, device: torch.device) -> Iterator[None]:
+    """:func:`fork_and_seed` without argument checks, for revfunc's own calls (a seed from
+    :func:`derive_seed` and a tensor's device are valid by construction): per branch call."""
+    module = device_module(device)
     cpu_state = torch.get_rng_state()
     accel_state = None
     if module is not None:
@@ -194,7 +203,7 @@ def call_branch(fn, params, x, kwargs, seed: Optional[int]):
         generator = torch.Generator(device=x.device)
         generator.manual_seed(seed)
         return fn(params, x, generator=generator, **kwargs)
-    with fork_and_seed(seed, x.device):
+    with _forked(seed, x.device):
         return fn(params, x, **kwargs)
 
 
