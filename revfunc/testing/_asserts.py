@@ -14,6 +14,7 @@ from revfunc._types import BlockKwargs, BlockParams, Blocks
 from revfunc._function import bind
 from revfunc.random import call_branch
 from revfunc.sequence import (
+    _run_plain,
     make_plan,
     rebuilt_inputs,
     reversible_sequence,
@@ -244,17 +245,18 @@ def _check_blocks_by_finite_differences(where, blocks, params, x1, x2, kwargs, g
     """Each branch's own vjp against float64 central differences at its recorded input."""
     plan, tensors = make_plan(where, blocks, params, kwargs, generator, x1, x2, replay=True)
     restore()
-    inputs = [true for _, _, true in sorted(rebuilt_inputs(plan, x1, x2, tensors), key=lambda item: item[0])]
-    for i, (b1, b2) in enumerate(inputs):
+    with torch.no_grad():
+        y1, _, inputs = _run_plain(plan, x1, x2.clone(), tensors, record=True, checked=True)
+    # f of block i sees its input x2; g sees y1 = the next block's x1 (the output's y1 last).
+    branch_inputs = [(b2, inputs[i + 1][0] if i + 1 < len(inputs) else y1) for i, (_, b2) in enumerate(inputs)]
+    for i, block_inputs in enumerate(branch_inputs):
         for branch, name in ((0, "f"), (1, "g")):
             fn = plan.blocks[i][branch]
             p, k = bind(plan.binds[i][branch], tensors)
             seed = plan.seed(i, branch)
-            x = b2 if branch == 0 else _g_input(plan, i, tensors, b1, b2)
+            x = block_inputs[branch]
             diff = [n for n, t in p.items() if t.is_floating_point()]
-            with torch.no_grad():
-                out = call_branch(fn, p, x, k, seed)
-            r = torch.randn(out.shape, generator=probe, dtype=torch.float64).to(out.device)
+            r = torch.randn(x.shape, generator=probe, dtype=torch.float64).to(x.device)  # outputs are shaped like x
 
             def value(x_in, p_in):
                 with torch.no_grad():
@@ -280,9 +282,3 @@ def _check_blocks_by_finite_differences(where, blocks, params, x1, x2, kwargs, g
                     f"error {err:.3g}, rel error {err / max(abs(measured), 1e-300):.3g} > tolerance {tol:.0e}; "
                     f"largest term from tensor {worst!r} (a wrong custom backward in this branch?).")
 
-
-def _g_input(plan, i, tensors, x1, x2):
-    """Block i's ``y1 = x1 + f(x2)``, the input of its ``g``."""
-    p, k = bind(plan.binds[i][0], tensors)
-    with torch.no_grad():
-        return x1 + call_branch(plan.blocks[i][0], p, x2, k, plan.seed(i, 0))
