@@ -18,7 +18,9 @@ autocast state) lives in a :class:`Plan` passed as the first argument and kept o
 
 ``torch.compile(fullgraph=True)`` on torch 2.13 needs a fixed number of positional
 arguments in ``forward``: :func:`function_for` makes (and caches) one Function class per
-tensor count.
+tensor count for compiled code; eager calls use the variadic
+:class:`ReversibleSequenceFunction` (binding arguments to a fixed-arity signature costs
+time per tensor on every call).
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from revfunc import _checks
+from torch.autograd.graph import _engine_run_backward
+
 from revfunc._levels import SAME_LEVEL, current_grad_interpreter, guarded, records_below
 from revfunc.random import call_branch, device_module
 
@@ -81,11 +85,15 @@ _BRANCH = ("f", "g")
 
 
 def _watch(params, x, kwargs):
-    """``(label, tensor)`` pairs whose in-place modification by a branch is an error."""
-    watched = [("its input x", x)]
-    watched += [(f"parameter/buffer {name!r}", t) for name, t in params.items() if isinstance(t, torch.Tensor)]
-    watched += [(f"keyword {name!r}", v) for name, v in kwargs.items() if isinstance(v, torch.Tensor)]
+    """``(kind, name, tensor)`` whose in-place modification by a branch is an error."""
+    watched = [("input", "x", x)]
+    watched += [("param", name, t) for name, t in params.items() if isinstance(t, torch.Tensor)]
+    watched += [("keyword", name, v) for name, v in kwargs.items() if isinstance(v, torch.Tensor)]
     return watched
+
+
+def _label(kind: str, name: str) -> str:
+    return {"input": "its input x", "param": f"parameter/buffer {name!r}", "keyword": f"keyword {name!r}"}[kind]
 
 
 def _module_of(fn, label: str) -> str:
@@ -124,27 +132,51 @@ def checked_call(where: str, index: int, branch: str, fn, params, x, kwargs, see
     if torch.compiler.is_compiling():
         return call_branch(fn, params, x, kwargs, seed)
     watched = _watch(params, x, kwargs)
-    before = [t._version for _, t in watched]
+    before = [t._version for _, _, t in watched]
     rng_before = _rng_states(x.device) if rng_check else None
     try:
         out = call_branch(fn, params, x, kwargs, seed)
     except TypeError as error:
         raise TypeError(f"{where}: block {index} branch {branch} ({fn!r}) raised: {error}") from error
-    for (label, t), version in zip(watched, before):
+    for (kind, name, t), version in zip(watched, before):
         if t._version != version:
-            raise ValueError(
-                f"{where}: block {index} branch {branch} modified {label}{_module_of(fn, label)} in place during "
-                "forward. A reversible stack re-runs every branch in backward, so in-place updates would be applied "
-                "twice (BatchNorm running statistics, spectral_norm's power iteration) or would corrupt the stream "
-                "and the caller's tensors (nn.ReLU(inplace=True), x.mul_()). Use out-of-place ops and stateless "
-                "modules (LayerNorm/GroupNorm, track_running_stats=False), call .eval() for modules that only update "
-                "in training, or use revfunc.sequential_sequence.")
-    if rng_check and not all(torch.equal(a, b) for a, b in zip(rng_before, _rng_states(x.device))):
-        raise RuntimeError(
-            f"{where}: block {index} branch {branch} drew random numbers from the global RNG, but the call was "
-            "declared deterministic (deterministic=True, or revfunc.nn in eval mode), so the backward could not "
-            "replay them. Pass generator=torch.Generator() (or deterministic=False).")
+            raise _mutation_error(where, index, branch, fn, _label(kind, name))
+    if rng_check and not _same_states(rng_before, _rng_states(x.device)):
+        raise _rng_error(where, index, branch)
     return out
+
+
+def _same_states(a, b) -> bool:
+    return all(torch.equal(s, t) for s, t in zip(a, b))
+
+
+def _mutation_error(where: str, index: int, branch: str, fn, label: str) -> ValueError:
+    return ValueError(
+        f"{where}: block {index} branch {branch} modified {label}{_module_of(fn, label)} in place during "
+        "forward. A reversible stack re-runs every branch in backward, so in-place updates would be applied "
+        "twice (BatchNorm running statistics, spectral_norm's power iteration) or would corrupt the stream "
+        "and the caller's tensors (nn.ReLU(inplace=True), x.mul_()). Use out-of-place ops and stateless "
+        "modules (LayerNorm/GroupNorm, track_running_stats=False), call .eval() for modules that only update "
+        "in training, or use revfunc.sequential_sequence.")
+
+
+def _rng_error(where: str, index: int, branch: str) -> RuntimeError:
+    return RuntimeError(
+        f"{where}: block {index} branch {branch} drew random numbers from the global RNG, but the call was "
+        "declared deterministic (deterministic=True, or revfunc.nn.ReversibleSequence, which found no active "
+        "dropout-like submodule: eval mode, or none with p > 0), so the backward could not replay them. Pass "
+        "generator=torch.Generator() (to forward, or to reversible_sequence), or deterministic=False.")
+
+
+def _first_user(plan: Plan, slot: int):
+    """``(block, branch, fn, label)`` of the first branch call bound to flat ``slot``."""
+    for i, pair in enumerate(plan.binds):
+        for branch, (param_slots, diff_slots, other_slots, _) in enumerate(pair):
+            for kind, slots in (("param", param_slots), ("keyword", diff_slots + other_slots)):
+                for name, j in slots:
+                    if j == slot:
+                        return i, _BRANCH[branch], plan.blocks[i][branch], _label(kind, name)
+    raise AssertionError(slot)
 
 
 def bind(b: Bind, tensors: Sequence[torch.Tensor]) -> Tuple[Dict[str, torch.Tensor], Dict[str, Any]]:
@@ -164,22 +196,70 @@ def run_forward(plan: Plan, x1: torch.Tensor, x2: torch.Tensor, tensors: Sequenc
 
     Returns ``(y1, y2, *boundaries)`` where ``boundaries`` alternates x1, x2 of each
     exact state.
+
+    Refuses (eagerly) what the backward's recomputation could not replay, as
+    :func:`checked_call` does, with the checks hoisted out of the per-branch path: each
+    branch's stream input is checked around its call, the flat tensors' version counters
+    and (``plan.rng_check``) the global RNG once around the whole stack. A failure names
+    the block and branch: the RNG offender is found by replaying the stack from the
+    saved RNG state with per-branch checks (error path only).
     """
+    if torch.compiler.is_compiling():
+        return _forward_loop(plan, x1, x2, tensors, _call_unchecked)
+    versions = [t._version for t in tensors]
+    rng_before = _rng_states(x1.device) if plan.rng_check else None
+    out = _forward_loop(plan, x1, x2.clone(), tensors, _call_checking_input)  # f sees a copy of the caller's x2
+    for j, (t, version) in enumerate(zip(tensors, versions)):
+        if t._version != version:
+            i, branch, fn, label = _first_user(plan, j)
+            raise _mutation_error(plan.where, i, branch, fn, label)
+    if rng_before is not None and not _same_states(rng_before, _rng_states(x1.device)):
+        _set_rng_states(x1.device, rng_before)
+        _forward_loop(plan, x1, x2.clone(), tensors, _call_checking_rng)  # raises naming the branch
+        raise _rng_error(plan.where, -1, "?")  # unreachable unless the branch is not reproducible
+    return out
+
+
+def _call_unchecked(plan: Plan, i: int, branch: int, fn, params, x, kwargs):
+    return call_branch(fn, params, x, kwargs, plan.seed(i, branch))
+
+
+def _call_checking_input(plan: Plan, i: int, branch: int, fn, params, x, kwargs):
+    version = x._version
+    try:
+        out = call_branch(fn, params, x, kwargs, plan.seed(i, branch))
+    except TypeError as error:
+        raise TypeError(f"{plan.where}: block {i} branch {_BRANCH[branch]} ({fn!r}) raised: {error}") from error
+    if x._version != version:
+        raise _mutation_error(plan.where, i, _BRANCH[branch], fn, "its input x")
+    return out
+
+
+def _call_checking_rng(plan: Plan, i: int, branch: int, fn, params, x, kwargs):
+    return checked_call(plan.where, i, _BRANCH[branch], fn, params, x, kwargs, plan.seed(i, branch), rng_check=True)
+
+
+def _forward_loop(plan: Plan, x1, x2, tensors, call):
     exact = plan.exact
     boundaries: List[torch.Tensor] = []
-    if not torch.compiler.is_compiling():
-        x2 = x2.clone()  # block 0's f sees a copy: a branch that writes its input cannot reach the caller's
     for i, (f, g) in enumerate(plan.blocks):
         (fp, fk), (gp, gk) = bind(plan.binds[i][0], tensors), bind(plan.binds[i][1], tensors)
-        fx = checked_call(plan.where, i, "f", f, fp, x2, fk, plan.seed(i, 0), plan.rng_check)
+        fx = call(plan, i, 0, f, fp, x2, fk)
         _checks.check_output_shape(plan.where, fx, x2, i, "f")
         y1 = x1 + fx
-        gy = checked_call(plan.where, i, "g", g, gp, y1, gk, plan.seed(i, 1), plan.rng_check)
+        gy = call(plan, i, 1, g, gp, y1, gk)
         _checks.check_output_shape(plan.where, gy, y1, i, "g")
         x1, x2 = y1, x2 + gy
         if i + 1 in exact:
             boundaries += (x1, x2)
     return (x1, x2, *boundaries)
+
+
+def _set_rng_states(device: torch.device, states) -> None:
+    torch.set_rng_state(states[0])
+    module = device_module(device)
+    if module is not None and len(states) > 1:
+        module.set_rng_state(states[1], device.index if device.index is not None else module.current_device())
 
 
 def _replay(autocast, fn, params, x, kwargs, seed, mode=None):
@@ -195,6 +275,8 @@ def _replay(autocast, fn, params, x, kwargs, seed, mode=None):
                 module.training = training
                 switched.append(module)
     try:
+        if not enabled and not torch.is_autocast_enabled(device_type):
+            return call_branch(fn, params, x, kwargs, seed)  # already the forward's state
         with torch.autocast(device_type, dtype=dtype, enabled=enabled):
             return call_branch(fn, params, x, kwargs, seed)
     finally:
@@ -217,35 +299,43 @@ def _bind_with(b: Bind, tensors: Sequence[torch.Tensor], replaced: Dict[int, tor
     return bind(b, [replaced.get(j, t) for j, t in enumerate(tensors)])
 
 
-def _branch_vjp(fn, b, tensors, needs, x, cotangent, seed, eager, autocast, mode=None):
-    """``fn``'s output at ``x`` and the vjp of ``cotangent`` w.r.t. (its flat slots, x).
+def _branch_vjp(fn, b, tensors, needs, x, cotangent, seed, eager, autocast, mode=None, partner=None):
+    """Recompute ``fn`` at ``x``, rebuild the stream from it, and take the vjp of ``cotangent``.
 
-    Returns ``(out, grads, x_grad)`` with ``grads`` as ``{flat_slot: tensor}`` for the
-    flat tensors (params and kwargs) that need a gradient. Gradients are taken per slot,
-    so a tensor bound under several names gets the sum of its terms.
+    Returns ``(rebuilt, grads, x_grad)``: ``rebuilt = partner - fn(x)`` (the other half
+    of the block's input; ``None`` when ``partner`` is ``None``; ``partner`` is a
+    one-item list, emptied here so that the old half is freed), ``grads`` as
+    ``{flat_slot: tensor}`` for the flat tensors (params and kwargs) that need a gradient,
+    and the gradient for ``x``. Gradients are taken per slot, so a tensor bound under
+    several names gets the sum of its terms. The rebuilt half is computed before the
+    vjp, so the branch output is dead (and freed) while the vjp runs.
     """
     slots = _diff_slots(b, tensors, needs)
     if eager:
-        return _autograd_vjp(fn, b, tensors, slots, x, cotangent, seed, autocast, mode)
+        return _autograd_vjp(fn, b, tensors, slots, x, cotangent, seed, autocast, mode, partner)
 
     def call(diff, inp):
         params, kwargs = _bind_with(b, tensors, dict(zip(slots, diff)))
         return _replay(autocast, fn, params, inp, kwargs, seed, mode)
 
     out, vjp_fn = torch.func.vjp(call, tuple(tensors[j] for j in slots), x)
-    g_slots, gx = vjp_fn(cotangent.to(out.dtype))
-    return out, dict(zip(slots, g_slots)), gx
+    rebuilt = None if partner is None else partner.pop() - out
+    cotangent = cotangent.to(out.dtype)
+    del out
+    g_slots, gx = vjp_fn(cotangent)
+    return rebuilt, dict(zip(slots, g_slots)), gx
 
 
-def _autograd_vjp(fn, b, tensors, slots, x, cotangent, seed, autocast, mode=None):
-    """The same vjp with ``torch.autograd.grad`` (no functorch level active, no graph kept).
+def _autograd_vjp(fn, b, tensors, slots, x, cotangent, seed, autocast, mode=None, partner=None):
+    """The same with ``torch.autograd.grad`` (no functorch level active, no graph kept).
 
     Where possible the parameters are the caller's, as saved: the recomputation's graph
     reaches them directly (no ``functional_call`` swap when they are a module's live
     parameters), and ``autograd.grad`` returns their gradients without touching
     ``.grad``. A tensor that does not require grad here (a ``torch.func`` input seen one
     level down) or that has tensor hooks (which would fire twice) is differentiated
-    through a fresh alias instead.
+    through a fresh alias instead. The output is differentiated through its gradient
+    edge, so its memory is released before the vjp runs.
     """
     replaced = {}
     for j in slots:
@@ -257,16 +347,27 @@ def _autograd_vjp(fn, b, tensors, slots, x, cotangent, seed, autocast, mode=None
         params, kwargs = _bind_with(b, tensors, replaced)
         out = _replay(autocast, fn, params, xin, kwargs, seed, mode)
         inputs = (xin, *(replaced.get(j, tensors[j]) for j in slots))
-        grads = torch.autograd.grad(out, inputs, cotangent.to(out.dtype), allow_unused=True)
+        del params, kwargs, replaced
+    rebuilt = None if partner is None else partner.pop() - out.detach()
+    if cotangent.dtype != out.dtype:  # autocast: the branch ran in lower precision
+        cotangent = cotangent.to(out.dtype)
+    if out.grad_fn is None:  # nothing to differentiate (a branch that ignores its inputs)
+        grads = (None,) * len(inputs)
+    else:
+        root = torch.autograd.graph.get_gradient_edge(out)
+        del out
+        # torch.autograd.grad without its per-call argument normalization (shapes and
+        # dtypes match by construction): no retain/create graph, unused inputs give None.
+        grads = _engine_run_backward((root,), (cotangent,), False, False, inputs, True, False)
     gx = torch.zeros_like(x) if grads[0] is None else grads[0]
-    return out.detach(), {j: g for j, g in zip(slots, grads[1:]) if g is not None}, gx
+    return rebuilt, {j: g for j, g in zip(slots, grads[1:]) if g is not None}, gx
 
 
-def _block_vjp(plan: Plan, i: int, branch: int, fn, tensors, needs, x, cotangent, eager):
+def _block_vjp(plan: Plan, i: int, branch: int, fn, tensors, needs, x, cotangent, eager, partner=None):
     """:func:`_branch_vjp` of block ``i``'s branch; errors name the block and branch."""
     try:
         return _branch_vjp(fn, plan.binds[i][branch], tensors, needs, x, cotangent, plan.seed(i, branch), eager,
-                           plan.autocast, plan.mode(i, branch))
+                           plan.autocast, plan.mode(i, branch), partner)
     except RuntimeError as error:
         if str(error).startswith(plan.where):
             raise
@@ -274,18 +375,24 @@ def _block_vjp(plan: Plan, i: int, branch: int, fn, tensors, needs, x, cotangent
                            f"recomputation: {error}") from error
 
 
-def run_backward(plan: Plan, dy1, dy2, saved: Sequence[torch.Tensor], needs: Sequence[bool]):
+def run_backward(plan: Plan, dy1, dy2, saved: List[Optional[torch.Tensor]], needs: Sequence[bool]):
     """Walk the blocks in reverse: rebuild inputs, recompute, back-propagate.
 
     Args:
         dy1, dy2: cotangents of the final outputs (``None`` counts as zero).
-        saved: ``(y1, y2, *boundaries, *tensors)`` as saved in ``setup_context``.
+        saved: ``[y1, y2, *boundaries, *tensors]`` as saved in ``setup_context``. A list:
+            the walk drops its references to ``y1``/``y2`` (sets them to ``None``), so a
+            caller that holds no other reference frees them after the last block.
         needs: ``needs_input_grad`` of the flat tensors.
 
     Returns:
         ``(dx1, dx2, grads)`` with ``grads[j]`` the gradient of flat tensor ``j`` (or None).
+
+    Memory: besides one branch's recomputation, the walk keeps four stream tensors alive
+    (the two halves and their cotangents): each value is released as soon as it is dead.
     """
     y1, y2 = saved[0], saved[1]
+    saved[0] = saved[1] = None
     nb = 2 * len(plan.exact)
     bounds = saved[2:2 + nb]
     tensors = saved[2 + nb:]
@@ -302,20 +409,26 @@ def run_backward(plan: Plan, dy1, dy2, saved: Sequence[torch.Tensor], needs: Seq
         f, g = plan.blocks[i]
         if i + 1 in exact:
             y1, y2 = exact[i + 1]
-        gy, g_grads, dy1_g = _block_vjp(plan, i, 1, g, tensors, needs, y1, dy2, eager)
+        # g at y1 rebuilds x2 = y2 - g(y1); y2 is dead once x2 exists.
+        # (The partner goes in a one-item list that the callee empties: no frame keeps it.)
+        box, y2 = (None if i in exact else [y2]), None
+        x2, g_grads, dy1_g = _block_vjp(plan, i, 1, g, tensors, needs, y1, dy2, eager, box)
+        if i in exact:
+            x2 = exact[i][1]
         a1 = dy1 + dy1_g
-        x2 = exact[i][1] if i in exact else y2 - gy
-        del gy, dy1_g
-        fx, f_grads, dx2_f = _block_vjp(plan, i, 0, f, tensors, needs, x2, a1, eager)
+        dy1 = dy1_g = None
+        # f at x2 rebuilds x1 = y1 - f(x2) (not needed below block 0); y1 is then dead.
+        box, y1 = (None if i == 0 or i in exact else [y1]), None
+        x1, f_grads, dx2_f = _block_vjp(plan, i, 0, f, tensors, needs, x2, a1, eager, box)
         dy1, dy2 = a1, dy2 + dx2_f
-        del a1, dx2_f
-        if i > 0 and i not in exact:
-            y1, y2 = y1 - fx, x2
-        del fx, x2
+        a1 = dx2_f = None
+        if i > 0:
+            y1, y2 = (x1, x2) if i not in exact else (None, None)
+        x1 = x2 = None
         for block_grads in (g_grads, f_grads):
             for j, v in block_grads.items():
                 grads[j] = v if grads[j] is None else grads[j] + v
-        del g_grads, f_grads
+        g_grads = f_grads = None
     return dy1, dy2, grads
 
 
@@ -338,6 +451,7 @@ def _backward_one_level_down(interpreter, plan: Plan, dy1, dy2, saved, needs):
         return None if t is None else _unwrap_for_grad(t, level)
 
     saved_down = [unwrap(t) for t in saved]
+    anchors = tuple(saved_down)  # run_backward drops y1/y2 from its list; the saved variables keep them anyway
     message = SAME_LEVEL.format(where=plan.where)
     with interpreter.lower():
         records = records_below()
@@ -346,7 +460,7 @@ def _backward_one_level_down(interpreter, plan: Plan, dy1, dy2, saved, needs):
             dx1, dx2, grads = run_backward(plan, unwrap(dy1), unwrap(dy2), saved_down, needs)
         results = [dx1, dx2, *grads]
         if not records and base_grad and torch._C._functorch.peek_interpreter_stack() is None:
-            results = guarded(results, saved_down, message)
+            results = guarded(results, anchors, message)
     results = [None if r is None else _wrap_for_grad(r, level) for r in results]
     if torch.is_grad_enabled():
         results = guarded(results, (dy1, dy2, *saved), message, level)
@@ -367,11 +481,12 @@ class _ReversibleBase(torch.autograd.Function):
     def backward(ctx, dy1, dy2, *_boundary_grads):
         needs = ctx.needs_input_grad
         plan = ctx.plan
+        saved = list(ctx.saved_tensors)
         interpreter = None if plan.higher_order else current_grad_interpreter()
         if interpreter is not None:
-            dx1, dx2, grads = _backward_one_level_down(interpreter, plan, dy1, dy2, ctx.saved_tensors, needs[3:])
+            dx1, dx2, grads = _backward_one_level_down(interpreter, plan, dy1, dy2, saved, needs[3:])
         else:
-            dx1, dx2, grads = run_backward(plan, dy1, dy2, ctx.saved_tensors, needs[3:])
+            dx1, dx2, grads = run_backward(plan, dy1, dy2, saved, needs[3:])
         return (None, dx1 if needs[1] else None, dx2 if needs[2] else None, *grads)
 
 
@@ -396,12 +511,30 @@ def _function_name(n_tensors: int) -> str:
     return name
 
 
-def function_for(n_tensors: int) -> type:
-    """The Function class whose ``forward(plan, x1, x2, t0, ..., t{n-1})`` has fixed arity.
+class ReversibleSequenceFunction(_ReversibleBase):
+    """The eager Function: ``forward(plan, x1, x2, *tensors)``.
 
-    Classes are made once per tensor count and kept as globals of this module, so that
-    Dynamo sees them as ordinary module attributes (guardable) inside ``torch.compile``.
+    ``Function.apply`` binds its arguments to ``forward``'s signature on every call
+    (``inspect``), which costs time per parameter of a fixed-arity ``forward``: eager
+    calls use this variadic one instead.
     """
+
+    @staticmethod
+    def forward(plan, x1, x2, *tensors):
+        return run_forward(plan, x1, x2, tensors)
+
+
+def function_for(n_tensors: int) -> type:
+    """The Function class to apply to ``(plan, x1, x2, t0, ..., t{n-1})``.
+
+    Eager: :class:`ReversibleSequenceFunction`. Inside ``torch.compile`` (torch 2.13
+    needs a fixed number of positional arguments there) one class whose
+    ``forward(plan, x1, x2, t0, ..., t{n-1})`` has fixed arity, made once per tensor
+    count and kept as a global of this module, so that Dynamo sees an ordinary module
+    attribute (guardable).
+    """
+    if not torch.compiler.is_compiling():
+        return ReversibleSequenceFunction
     return getattr(_this_module, _function_name(n_tensors))
 
 

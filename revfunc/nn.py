@@ -41,17 +41,46 @@ def _reject_stateful(where: str, module: nn.Module, prefix: str) -> None:
             )
 
 
-def _reject_unseeded_dropout(module: nn.Module) -> None:
+def _dropout_rate(module: nn.Module) -> float:
+    """The probability with which ``module`` draws random numbers in training (0: never)."""
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return module.p
+    if isinstance(module, nn.RReLU):
+        return 1.0
+    for name in ("dropout", "dropout_p"):  # SDPA-style attention, nn.MultiheadAttention
+        value = getattr(module, name, None)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    return 0.0
+
+
+def random_submodules(module: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """``(name, submodule)`` for the submodules that can draw random numbers in training:
+    dropout modules, ``nn.RReLU``, and modules with a float ``dropout``/``dropout_p``
+    attribute (attention on ``F.scaled_dot_product_attention``, ``nn.MultiheadAttention``).
+
+    Other random ops (``torch.rand`` in a custom forward) are not seen here; revfunc
+    catches them at call time instead (see :class:`ReversibleSequence`).
+    """
+    return [(name, sub) for name, sub in module.named_modules()
+            if isinstance(sub, (nn.modules.dropout._DropoutNd, nn.RReLU))
+            or any(isinstance(getattr(sub, a, None), float) for a in ("dropout", "dropout_p"))]
+
+
+def _active(candidates) -> List[Tuple[str, nn.Module]]:
+    return [(name, sub) for name, sub in candidates if sub.training and _dropout_rate(sub) > 0]
+
+
+def _reject_unseeded_dropout(candidates) -> None:
     """Inside torch.compile no seed is drawn without a generator, so the recomputation
     could not replay active dropout: refuse rather than return wrong gradients."""
-    for name, sub in module.named_modules():
-        if isinstance(sub, nn.modules.dropout._DropoutNd) and sub.training and sub.p > 0:
-            raise RuntimeError(
-                f"revfunc.nn.ReversibleSequence: submodule {name!r} ({type(sub).__name__}, p={sub.p}) is active "
-                "inside torch.compile without a generator, and its masks could not be replayed in backward. "
-                "Pass generator=torch.Generator() to forward (the seed draw then breaks the graph), or call "
-                ".eval() / set p=0 for a fullgraph compile."
-            )
+    for name, sub in _active(candidates):
+        raise RuntimeError(
+            f"revfunc.nn.ReversibleSequence: submodule {name!r} ({type(sub).__name__}, p={_dropout_rate(sub)}) is "
+            "active inside torch.compile without a generator, and its masks could not be replayed in backward. "
+            "Pass generator=torch.Generator() to forward (the seed draw then breaks the graph), or call "
+            ".eval() / set p=0 for a fullgraph compile."
+        )
 
 
 class _Branch(nn.Module):
@@ -199,20 +228,34 @@ class ReversibleSequence(nn.Module):
         self.layer_dropout = _check_layer_dropout(where, layer_dropout)
         self.blocks = nn.ModuleList([ReversibleBlock(f=f, g=g) for f, g in pairs])
         _reject_stateful(where, self.blocks, "blocks")
+        self._random_cache = None
         for block in self.blocks:
             block.pure()  # settle the pure views after the registrations above
 
+    def _random_candidates(self) -> List[Tuple[str, nn.Module]]:
+        """:func:`random_submodules`, cached until a module registration anywhere."""
+        generation = structure_generation()
+        cache = getattr(self, "_random_cache", None)  # absent on modules pickled before it existed
+        if cache is None or cache[0] != generation:
+            self._random_cache = (generation, random_submodules(self))
+        return self._random_cache[1]
+
     def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None, **kwargs: Any) -> torch.Tensor:
-        if generator is None and torch.compiler.is_compiling():
-            _reject_unseeded_dropout(self)
+        if torch.compiler.is_compiling():
+            candidates = random_submodules(self)  # traced once per graph, not cached: no writes while tracing
+            if generator is None:
+                _reject_unseeded_dropout(candidates)
+        else:
+            candidates = self._random_candidates()
         routed = route_args(self.args_route, kwargs, len(self.blocks))
         if len(self.blocks) == 0:  # the classic container returns the two halves' sum
             return x + x
         keep = _kept_layers(self, len(self.blocks), generator)
         fns, params = zip(*(self.blocks[i].pure() for i in keep))
-        # In eval mode stock modules draw no random numbers: no seed is drawn (the global
-        # RNG is left alone) and the forward checks that no branch touched the RNG.
-        deterministic = generator is None and not any(m.training for m in self.modules())
+        # With no dropout-like submodule active (none, all p == 0, or eval mode) no seed
+        # is drawn and no RNG state is forked per branch; the forward instead checks that
+        # no branch touched the global RNG (a custom random op raises, naming the block).
+        deterministic = generator is None and not _active(candidates)
         # Both halves start as x (the classic cat([x, x], -1)); a view keeps the two
         # Function inputs distinct tensors, which Dynamo requires.
         y1, y2 = reversible_sequence(list(fns), list(params), x, x.view_as(x), kwargs=[routed[i] for i in keep],

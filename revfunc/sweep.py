@@ -109,7 +109,7 @@ def reversible_vjp(
         _checks.check_stream_pair(where, dy1, dy2, ("dy1", "dy2"))
         _checks.check_stream_pair(where, y1, dy1, ("y1", "dy1"))
         with torch.no_grad():
-            dx1, dx2, grads = run_backward(plan, dy1, dy2, (*saved, *tensors), needs)
+            dx1, dx2, grads = run_backward(plan, dy1, dy2, [*saved, *tensors], needs)
         return _unflatten_grads(param_slots, tensors, grads), dx1, dx2
 
     return (y1, y2), pullback

@@ -8,13 +8,15 @@ from revfunc import bench
 
 
 def test_bench_writes_json_and_plot_with_every_method(tmp_path):
-    result = bench.main(["--depths", "2", "4", "--dim", "16", "--seq", "8", "--batch", "2", "--heads", "2",
-                         "--repeats", "1", "--out", str(tmp_path)])
-    rows = json.loads((tmp_path / "bench.json").read_text())["rows"]
-    assert rows == result["rows"]
+    result = bench.main(["--depths", "2", "4", "--dim", "16", "--seq", "32", "--batch", "2", "--heads", "2",
+                         "--seqs", "16", "--sweep-depth", "2", "--functional", "--repeats", "1",
+                         "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    assert saved["rows"] == result["rows"] and saved["sweep"] == result["sweep"]
     assert (tmp_path / "bench.md").read_text() == bench.render_markdown(result)
     assert "| 4 | revfunc |" in (tmp_path / "bench.md").read_text() and result["command"].startswith("python -m")
     assert (tmp_path / "bench.png").stat().st_size > 0
+    rows = result["rows"]
     methods = {r["method"] for r in rows}
     classic_rows = {"classic"} if classic.available() else set()  # the classic code is optional
     assert methods == {"plain", "checkpoint", "revfunc", "plain/func.grad", "revfunc/func.grad"} | classic_rows
@@ -23,8 +25,42 @@ def test_bench_writes_json_and_plot_with_every_method(tmp_path):
     assert all(by["classic", d]["saved_bytes"] is None for d in (2, 4) if classic_rows)
     assert by["revfunc", 2]["saved_bytes"] == by["revfunc", 4]["saved_bytes"] > 0
     assert by["plain", 4]["saved_bytes"] > 1.5 * by["plain", 2]["saved_bytes"]
-    assert all(r["peak_bytes"] is not None and r["peak_bytes"] >= 0 for r in rows)
+    # Every row has the total peak and the activation column (total minus the gradients).
+    for r in rows:
+        assert r["peak_bytes"] is not None and r["peak_bytes"] >= 0
+        assert r["activation_bytes"] == max(r["peak_bytes"] - r["grad_bytes"], 0)
+        assert r["activation_streams"] == r["activation_bytes"] / (2 * 32 * 16 * 4)
     assert all(r["time_ratio"] > 0 for r in rows) and by["plain", 2]["time_ratio"] == 1.0
+    # The sequence sweep covers every method at the sweep depth, and the budget table
+    # has every method and budget.
+    assert {(r["method"], r["seq"]) for r in result["sweep"]} == {(m, n) for m in methods for n in (16, 32)}
+    assert set(result["budgets"]) == methods
+    assert all(set(e["budgets"]) == {"1", "8", "80"} for e in result["budgets"].values())
+
+
+def test_presets_fill_unset_flags_and_flags_override_them():
+    args = bench.parse_args([])
+    assert (args.preset, args.dim, args.seq, args.batch, args.depths) == ("long", 64, 2048, 2, [8, 16, 32])
+    assert args.causal and args.seqs and not args.no_memory
+    args = bench.parse_args(["--preset", "overhead", "--depths", "4"])
+    assert (args.dim, args.seq, args.batch, args.threads, args.depths, args.no_memory) == (16, 1, 1, 1, [4], True)
+    assert bench.parse_args(["--preset", "short"]).functional
+
+
+def test_budget_table_follows_from_the_fit():
+    """A method whose activation is exactly n * (u + w * depth) + k gets that fit back,
+    and the budget answers solve it."""
+    args = bench.parse_args(["--depths", "8", "32", "--seq", "1000"])
+    u, w, k, per_block = 100.0, 10.0, 5e6, 4e5
+    pts = [(d, n) for d in (8, 32) for n in (1000,)] + [(8, n) for n in (500, 2000)]
+    rows = [{"method": "m", "depth": d, "seq": n, "grad_bytes": per_block * d,
+             "activation_bytes": n * (u + w * d) + k} for d, n in pts]
+    fit = bench.budget_table(args, rows, [])["m"]
+    assert abs(fit["u"] - u) < 1e-6 and abs(fit["w"] - w) < 1e-6 and abs(fit["k"] - k) < 1e-3
+    longest = fit["budgets"]["8"]["longest_seq"]
+    assert longest * (u + w * 32) + k + 2 * per_block * 32 <= 8 * 2**30 < (longest + 1) * (u + w * 32) + k + 2 * per_block * 32
+    deepest = fit["budgets"]["1"]["deepest"]
+    assert deepest * (w * 1000 + 2 * per_block) + k + u * 1000 <= 2**30
 
 
 def test_drift_report_covers_dtypes_depths_and_checkpoint_every(tmp_path):

@@ -134,9 +134,11 @@ def test_compile_fullgraph_grad_step_matches_eager_without_recompiling():
 def test_compile_fullgraph_of_a_functional_call_on_the_nn_module():
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = rnn.ReversibleSequence(transformer_layers(2, 8, heads=2), args_route={"mask": ((True, False),) * 2})
-    params = dict(model.named_parameters())
-    x = torch.randn(2, 5, 8)
+    model = rnn.ReversibleSequence(transformer_layers(2, 8, heads=2).double(), args_route={"mask": ((True, False),) * 2})
+    # Detached: with parameters that require grad, AOTAutograd would also trace the
+    # gradient step's own backward, and SDPA's CPU flash backward has no derivative.
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x = torch.randn(2, 5, 8, dtype=torch.float64)
     mask = torch.rand(2, 5) > 0.3
     mask[:, 0] = True
 
@@ -144,7 +146,8 @@ def test_compile_fullgraph_of_a_functional_call_on_the_nn_module():
         return torch.func.grad_and_value(
             lambda p: torch.func.functional_call(model, p, (x,), {"mask": mask}).pow(2).sum())(p)
 
-    _assert_tree_close(torch.compile(step, fullgraph=True, backend="aot_eager")(params, x, mask), step(params, x, mask))
+    _assert_tree_close(torch.compile(step, fullgraph=True, backend="aot_eager")(params, x, mask), step(params, x, mask),
+                       rtol=1e-10, atol=1e-12)
 
 
 def test_compiled_module_forward_with_eager_loss_backward():
@@ -183,7 +186,7 @@ def test_compile_with_generator_randomness_matches_eager():
 def test_compiled_dropout_without_generator_is_refused_not_silently_wrong():
     torch._dynamo.reset()
     model = rnn.ReversibleSequence(transformer_layers(1, 8, heads=2, dropout=0.1))
-    with pytest.raises(Exception, match=r"submodule 'blocks.0.f.net.dropout' \(Dropout, p=0.1\) is active inside "
+    with pytest.raises(Exception, match=r"submodule 'blocks.0.f.net' \(Attention, p=0.1\) is active inside "
                                         r"torch.compile without a generator"):
         torch.compile(model, backend="eager", fullgraph=True)(torch.randn(1, 3, 8))
 

@@ -11,38 +11,57 @@ from typing import Optional
 import torch
 from einops import rearrange
 from torch import nn
+from torch.nn import functional as F
 
 __all__ = ["Attention", "FeedForward", "transformer_layers", "mlp_layers"]
 
 
 class Attention(nn.Module):
-    """Pre-norm multi-head self-attention with an optional key mask.
+    """Pre-norm multi-head self-attention on ``F.scaled_dot_product_attention``.
 
-    ``forward(x, mask=None)``: ``mask`` is a bool tensor ``(b, n)``, True where a token
-    may be attended to.
+    ``forward(x, mask=None)``: ``mask`` is a bool key mask ``(b, n)``, True where a
+    token may be attended to; it becomes SDPA's ``attn_mask`` (broadcast over heads and
+    queries). ``causal=True`` also keeps each query from attending to later tokens
+    (combined with ``mask`` when both are given). ``dropout`` is SDPA's ``dropout_p`` in
+    training mode and 0 in eval mode; it draws from the global RNG, which revfunc forks
+    per branch call and replays exactly in backward. The n x n attention matrix is never
+    materialized when SDPA can pick a fused kernel (no mask, no dropout on CPU), so
+    activations are O(n) per block: the long-context regime reversible stacks are for.
+    A query whose keys are all masked gets NaN (as SDPA defines it): keep at least one
+    key per example.
 
     Shapes: (b, n, d) -> (b, n, d).
     """
 
-    def __init__(self, dim: int, heads: int = 4, dropout: float = 0.0):
+    def __init__(self, dim: int, heads: int = 4, dropout: float = 0.0, causal: bool = False):
         super().__init__()
         if dim % heads:
             raise ValueError(f"revfunc.testing.blocks.Attention: dim expected a multiple of heads={heads}, got {dim}.")
-        self.heads = heads
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"revfunc.testing.blocks.Attention: dropout expected in [0, 1), got {dropout!r}.")
+        self.heads, self.dropout, self.causal = heads, dropout, causal
         self.norm = nn.LayerNorm(dim)
         self.to_qkv = nn.Linear(dim, dim * 3, bias=False)
         self.to_out = nn.Linear(dim, dim)
-        self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
-        q, k, v = self.to_qkv(self.norm(x)).chunk(3, dim=-1)
-        q, k, v = (rearrange(t, "b n (h e) -> b h n e", h=self.heads) for t in (q, k, v))
-        sim = torch.einsum("bhie,bhje->bhij", q, k) * q.shape[-1] ** -0.5
+        q, k, v = rearrange(self.to_qkv(self.norm(x)), "b n (t h e) -> t b h n e", t=3, h=self.heads)
+        attn_mask, is_causal = None, self.causal
         if mask is not None:
-            sim = sim.masked_fill(~mask[:, None, None, :], torch.finfo(sim.dtype).min)
-        attn = self.dropout(sim.softmax(dim=-1))
-        out = torch.einsum("bhij,bhje->bhie", attn, v)
+            if mask.dtype != torch.bool or mask.shape != x.shape[:2]:
+                raise ValueError("revfunc.testing.blocks.Attention: mask expected a bool tensor of shape "
+                                 f"{tuple(x.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}.")
+            attn_mask = mask[:, None, None, :]
+            if self.causal:  # SDPA takes is_causal or attn_mask, not both
+                n = x.shape[1]
+                attn_mask = attn_mask & torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
+                is_causal = False
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                             dropout_p=self.dropout if self.training else 0.0)
         return self.to_out(rearrange(out, "b h n e -> b n (h e)"))
+
+    def extra_repr(self) -> str:
+        return f"heads={self.heads}, dropout={self.dropout}, causal={self.causal}"
 
 
 class FeedForward(nn.Module):
@@ -58,10 +77,11 @@ class FeedForward(nn.Module):
         return self.net(x)
 
 
-def transformer_layers(depth: int, dim: int, heads: int = 4, mult: int = 4, dropout: float = 0.0) -> nn.ModuleList:
+def transformer_layers(depth: int, dim: int, heads: int = 4, mult: int = 4, dropout: float = 0.0,
+                       causal: bool = False) -> nn.ModuleList:
     """``depth`` pairs ``(Attention, FeedForward)``, the classic container's input."""
     return nn.ModuleList(
-        nn.ModuleList([Attention(dim, heads, dropout), FeedForward(dim, mult, dropout)]) for _ in range(depth)
+        nn.ModuleList([Attention(dim, heads, dropout, causal), FeedForward(dim, mult, dropout)]) for _ in range(depth)
     )
 
 
