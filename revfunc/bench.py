@@ -36,8 +36,9 @@ backward (``saved_tensors_hooks``, parameters excluded; the classic code keeps i
 tensors as ``ctx`` attributes, which hooks cannot see, and torch.func and compiled
 models refuse the hooks, so those rows show n/a), the total peak memory of one fwd+bwd
 (CUDA: ``max_memory_allocated``; CPU: peak RSS of a fresh worker process per
-configuration, VmHWM after fwd+bwd minus VmRSS just before the forward, with
-``MALLOC_MMAP_THRESHOLD_=131072``), and the activation peak: the total minus the
+configuration, one torch thread each, two at a time, VmHWM after fwd+bwd minus VmRSS
+just before the forward, with ``MALLOC_MMAP_THRESHOLD_=131072``, after one warm-up
+fwd+bwd), and the activation peak: the total minus the
 parameter gradients it allocates (gradients start as ``None``, as
 ``optimizer.zero_grad()`` leaves them), also in units of one stream tensor
 (batch x tokens x d elements). CPU memory workers run before this process imports
@@ -64,9 +65,10 @@ import time
 MODULE_METHODS = ("plain", "checkpoint", "classic", "revfunc")
 FUNCTIONAL_METHODS = ("plain/func.grad", "revfunc/func.grad")
 COMPILED_STEPS = ("plain/func.grad+compile", "revfunc/vjp+compile")
+FLOORS = ("floor/f", "floor/g")  # one branch's recomputation and vjp alone (memory only)
 DEFAULT_CLASSIC = pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference" / "reversible.py"
 PRESETS = {
-    "long": dict(depths=[8, 16, 32], dim=64, heads=4, seq=2048, batch=2, causal=True, repeats=3, warmup=1,
+    "long": dict(depths=[8, 16, 32], dim=64, heads=4, seq=2048, batch=2, causal=True, repeats=2, warmup=1,
                  seqs=[1024, 4096], sweep_depth=8, functional=False, threads=0, memory=True),
     "short": dict(depths=[4, 8, 16, 32], dim=128, heads=4, seq=64, batch=4, causal=False, repeats=7, warmup=2,
                   seqs=[], sweep_depth=8, functional=True, threads=0, memory=True),
@@ -163,6 +165,8 @@ def build(args, method: str, depth: int, seq: int = None) -> Case:
     layers = layers.to(device=args.device, dtype=dtype)
     x = torch.randn(args.batch, seq or args.seq, args.dim, device=args.device, dtype=dtype, requires_grad=True)
     params = list(layers.parameters())
+    if method.startswith("floor/"):
+        return _floor_case(args, method, layers, x.detach())
     if "/" in method:
         return Case(_functional_step(args, method, layers, x.detach()), params)
     base, compiled = method.partition("+")[::2]
@@ -175,6 +179,25 @@ def build(args, method: str, depth: int, seq: int = None) -> Case:
         y.float().pow(2).mean().backward()
 
     return Case(run, params, None if compiled else model, x)
+
+
+def _floor_case(args, method: str, layers, x) -> Case:
+    """One branch's recomputation and vjp alone, in plain autograd: ``floor/f`` is block 0's
+    attention, ``floor/g`` its feed-forward. No reversible backward can hold less than
+    this (plus the stream state it carries), so it is the reference for revfunc's peak."""
+    import torch
+
+    branch = layers[0][0 if method == "floor/f" else 1]
+    params = list(branch.parameters())
+    cotangent = torch.randn_like(x)
+
+    def run():
+        with _autocast(args):
+            xin = x.detach().requires_grad_()
+            out = branch(xin)
+        torch.autograd.grad(out, [xin, *params], cotangent.to(out.dtype))
+
+    return Case(run, params)
 
 
 def _functional_step(args, method: str, layers, x):
@@ -269,6 +292,8 @@ def worker(args) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    elif not args.device.startswith("cuda"):
+        torch.set_num_threads(1)  # two workers share the cores: no oversubscription
     method, depth, seq = args.worker[0], int(args.worker[1]), int(args.worker[2])
     case = build(args, method, depth, seq)
     case.run()  # warm-up: one-time allocations (thread pools, kernels, compilation) are not activations
@@ -289,33 +314,39 @@ def worker(args) -> None:
         before = _status_kib("VmRSS")
         case.run()
         peak = (_status_kib("VmHWM") - before) * 1024
-    print(json.dumps({"method": method, "depth": depth, "seq": seq, "peak_bytes": peak}))
+    grads = sum(p.numel() * p.element_size() for p in case.params)
+    print(json.dumps({"method": method, "depth": depth, "seq": seq, "peak_bytes": peak, "grad_bytes": grads}))
 
 
 def memory_configs(args) -> list:
     """``(method, depth, seq)`` to measure: every depth at ``--seq``, then the sweep."""
     configs = [(m, d, args.seq) for d in args.depths for m in methods(args)]
+    configs += [(m, 1, args.seq) for m in FLOORS]
     for seq in sorted(set(args.seqs) | ({args.seq} if args.seqs else set())):
         configs += [(m, args.sweep_depth, seq) for m in methods(args) if (m, args.sweep_depth, seq) not in configs]
     return configs
 
 
 def peak_memory(args, argv) -> dict:
-    """``{(method, depth, seq): bytes}`` from one fresh worker process per configuration.
+    """``{(method, depth, seq): peak bytes}`` from one fresh worker process per configuration,
+    and ``{floor method: activation bytes}`` of the one-branch references.
 
     On CPU two workers run at a time: peak RSS is per process, so they do not disturb
     each other's figures (only their speed, which is not measured here).
     """
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", PYTHONUNBUFFERED="1")
     configs = memory_configs(args)
-    running, peaks = [], {}
+    running, peaks, floors = [], {}, {}
     parallel = 1 if args.device.startswith("cuda") else 2
 
     def collect(method, depth, seq, process):
         stdout, stderr = process.communicate()
         if process.returncode != 0:
             raise RuntimeError(f"revfunc.bench: memory worker {method} depth {depth} seq {seq} failed:\n{stderr}")
-        peaks[method, depth, seq] = json.loads(stdout.strip().splitlines()[-1])["peak_bytes"]
+        record = json.loads(stdout.strip().splitlines()[-1])
+        peaks[method, depth, seq] = record["peak_bytes"]
+        if method in FLOORS:  # the branch's own parameter gradients are not activations
+            floors[method] = _activation(record["peak_bytes"], record["grad_bytes"])
         print(f"  memory  [{len(peaks):2d}/{len(configs)}] depth {depth:3d}  seq {seq:5d}  {method:24s} "
               f"{peaks[method, depth, seq] / 2**20:8.1f} MiB", flush=True)
 
@@ -327,7 +358,7 @@ def peak_memory(args, argv) -> dict:
             collect(*running.pop(0))
     for item in running:
         collect(*item)
-    return peaks
+    return peaks, floors
 
 
 def saved_bytes(case: Case):
@@ -413,12 +444,18 @@ def budget_table(args, rows, sweep) -> dict:
 
     Fit per method, by least squares over every measured point (the depth sweep at
     ``--seq`` and the sequence sweep at ``--sweep-depth``), the activation peak as
-    ``act(depth, n) = n * (u + w * depth) + k`` (O(n) attention: SDPA never materializes
-    the n x n matrix; ``w``, the per-block cost, is clamped at 0). A training step fits in
-    a budget when parameters + their gradients + ``act`` do (optimizer state excluded:
-    Adam adds twice the parameters). Longest sequence: at the deepest measured depth,
-    the ``n`` where that sum meets the budget. Deepest stack: at ``--seq``, the depth
-    where it does, with parameters growing by one block's bytes per block.
+    ``act(depth, n) = n * (u + w * depth) + k``: O(n) per token (SDPA never
+    materializes the n x n matrix), ``w`` what a method stores per block and token;
+    ``w`` is clamped at 0. (A model with a separate per-block term cannot be fitted:
+    the two sweeps cross at one point, so ``n * depth`` and ``depth`` are not
+    separable.) A training step fits in a budget when the parameters, their gradients
+    and ``act`` do (optimizer state excluded: Adam adds twice the parameters). Longest
+    sequence: at the deepest measured depth, the ``n`` where that sum meets the budget.
+    Deepest stack: at ``--seq``, the depth where it does, parameters growing by one
+    block's bytes per block. Where the peak comes before all gradients exist (the
+    reversible methods peak in the last block's backward), the activation falls with
+    depth, ``w`` clamps at 0 and the fit overestimates deep stacks: conservative; the
+    largest relative residual is reported.
     """
     import torch
 
@@ -428,22 +465,25 @@ def budget_table(args, rows, sweep) -> dict:
     for m in dict.fromkeys(r["method"] for r in rows):
         pts = list({(r["depth"], r["seq"]): (r["depth"], r["seq"], r["activation_bytes"]) for r in rows + sweep
                     if r["method"] == m and r["activation_bytes"] is not None}.values())
-        if len({d for d, _, _ in pts}) < 2 and len({n for _, n, _ in pts}) < 2:
+        if len(pts) < 2:
             continue
         a = torch.tensor([[n, n * d, 1.0] for d, n, _ in pts], dtype=torch.float64)
         b = torch.tensor([[float(v)] for _, _, v in pts], dtype=torch.float64)
         u, w, k = torch.linalg.lstsq(a, b, driver="gelsd").solution.flatten().tolist()
-        w = max(w, 0.0)
+        if w < 0:  # refit without the per-block term
+            w = 0.0
+            u, k = torch.linalg.lstsq(a[:, [0, 2]], b, driver="gelsd").solution.flatten().tolist()
         fit = [n * (u + w * d) + k for d, n, _ in pts]
         worst = max(abs(f - v) / max(v, 1) for f, (_, _, v) in zip(fit, pts))
         entry = {"u": u, "w": w, "k": k, "max_relative_residual": worst, "budgets": {}}
         for gib in BUDGETS_GIB:
             budget = gib * 2**30
-            room = budget - 2 * per_block * deepest - k
             # None: the fit has no positive slope in that direction (nothing to extrapolate).
-            seq_max = (max(int(room / (u + w * deepest)), 0) if u + w * deepest > 0 else None)
+            room = budget - 2 * per_block * deepest - k
+            per_token = u + w * deepest
+            seq_max = max(int(room / per_token), 0) if per_token > 0 else None
             per_depth = w * args.seq + 2 * per_block
-            room = budget - k - u * args.seq
+            room = budget - u * args.seq - k
             depth_max = max(int(room / per_depth), 0) if per_depth > 0 else None
             entry["budgets"][str(gib)] = {"longest_seq": seq_max, "deepest": depth_max}
         table[m] = entry
@@ -477,7 +517,7 @@ def _summary(args, rows) -> dict:
     return {k: v for k, v in out.items() if v is not None and (lo != hi or "depth" not in k)}
 
 
-def report(args, timed, peaks) -> dict:
+def report(args, timed, peaks, floors=None) -> dict:
     rows, sweep = [], []
     for depth in args.depths:
         for m in methods(args):
@@ -500,6 +540,9 @@ def report(args, timed, peaks) -> dict:
                 sweep.append({"depth": args.sweep_depth, "seq": n, "method": m, "peak_bytes": peak,
                               "activation_bytes": act, "activation_streams": act / _stream_bytes(args, n)})
     result = {"config": {k: v for k, v in vars(args).items() if k != "worker"}, "rows": rows, "sweep": sweep}
+    if floors:
+        result["floor"] = {m: {"activation_bytes": v, "activation_streams": v / _stream_bytes(args, args.seq)}
+                           for m, v in floors.items()}
     if peaks:
         result["budgets"] = budget_table(args, rows, sweep)
     result["summary"] = _summary(args, rows)
@@ -546,6 +589,12 @@ def render_tables(result: dict) -> str:
         if compiled:
             line += " - |" if r["compile_seconds"] is None else f" {r['compile_seconds']:.1f} |"
         lines.append(line)
+    if result.get("floor"):
+        f, g = (result["floor"].get(m) for m in FLOORS)
+        lines.append(f"\nOne branch's own recomputation and vjp, alone in plain autograd (the floor of any "
+                     f"reversible backward, before the stream state it carries): attention "
+                     f"{_mib(f['activation_bytes'])} MiB ({f['activation_streams']:.1f} stream tensors), "
+                     f"feed-forward {_mib(g['activation_bytes'])} MiB ({g['activation_streams']:.1f}).")
     lines.append(f"\nParameter gradients (in every peak, not in the activation): "
                  + ", ".join(f"{_mib(p['grad_bytes'])} MiB at depth {d}" for d, p in plain.items()) + ".")
     if result.get("sweep"):
@@ -561,9 +610,9 @@ def render_tables(result: dict) -> str:
     if result.get("budgets"):
         deepest = max(r["depth"] for r in rows)
         lines += ["", f"What fits in a memory budget (parameters + gradients + activation peak; optimizer state "
-                      f"excluded), from a least-squares fit of act = n (u + w depth) + k to the points above: "
-                      f"longest sequence (batch {cfg['batch']}) at depth {deepest}, and deepest stack at "
-                      f"{cfg['seq']} tokens.", "",
+                      f"excluded), from a least-squares fit of act = n (u + w depth) + k to the points above (w >= 0; "
+                      f"see budget_table in revfunc/bench.py): longest sequence (batch {cfg['batch']}) at depth "
+                      f"{deepest}, and deepest stack at {cfg['seq']} tokens.", "",
                   "| method | " + " | ".join(f"{g} GiB: tokens / depth" for g in BUDGETS_GIB) + " | fit residual |",
                   "| --- |" + " --- |" * (len(BUDGETS_GIB) + 1)]
         for m, e in result["budgets"].items():
@@ -746,15 +795,15 @@ def main(argv=None) -> dict:
     print(f"revfunc.bench --preset {args.preset}: depths {args.depths}, d={args.dim}, seq={args.seq}, "
           f"batch={args.batch}, {args.dtype}{' ' + args.amp + ' autocast' if args.amp else ''} on {args.device}; "
           f"methods {methods(args)}", flush=True)
-    peaks = {}
+    peaks, floors = {}, {}
     if not args.no_memory:  # before this process imports torch (workers inherit nothing)
-        peaks = peak_memory(args, argv)
+        peaks, floors = peak_memory(args, argv)
     import torch
 
     if args.threads:
         torch.set_num_threads(args.threads)
     timed = timings(args)
-    result = report(args, timed, peaks)
+    result = report(args, timed, peaks, floors)
     result.update(command=command, date=date, machine=_machine(args))
     (out / "bench.json").write_text(json.dumps(result, indent=2))
     (out / "bench.md").write_text(render_markdown(result))

@@ -49,7 +49,7 @@ def test_activation_memory_is_flat_in_depth(measured, path):
     plain_s, plain_d = measured[path, "plain", shallow], measured[path, "plain", deep]
     # The measurement sees depth: plain autograd stores every block's activations.
     assert plain_d > 2 * plain_s, f"plain autograd did not grow with depth: {mib}"
-    assert rev_d <= 1.3 * max(rev_s, 2 ** 20), f"revfunc grew with depth on {path}: {mib}"
+    assert rev_d <= 1.2 * max(rev_s, 2 ** 20), f"revfunc grew with depth on {path}: {mib}"
     assert rev_d <= 0.25 * plain_d, f"revfunc stores more than a quarter of plain autograd on {path}: {mib}"
 
 
