@@ -543,7 +543,7 @@ def report(args, timed, peaks, floors=None) -> dict:
     if floors:
         result["floor"] = {m: {"activation_bytes": v, "activation_streams": v / _stream_bytes(args, args.seq)}
                            for m, v in floors.items()}
-    if peaks:
+    if peaks and sweep and len(args.depths) > 1:  # both directions measured: the fit is determined
         result["budgets"] = budget_table(args, rows, sweep)
     result["summary"] = _summary(args, rows)
     print("\n" + render_tables(result))
@@ -628,6 +628,27 @@ def render_tables(result: dict) -> str:
 def render_markdown(result: dict) -> str:
     """The main run as markdown: provenance line and the tables (docs embed this file)."""
     return _provenance(result) + "\n\n" + render_tables(result)
+
+
+def render_headline(result: dict) -> str:
+    """The deepest depth of a run in one small table (the README's first screen)."""
+    rows, cfg = result["rows"], result["config"]
+    depth = max(r["depth"] for r in rows)
+    by = {r["method"]: r for r in rows if r["depth"] == depth}
+    ck = by.get("checkpoint", {}).get("activation_bytes")
+    lines = [f"Depth {depth}, d={cfg['dim']}, {cfg['batch']} x {cfg['seq']} tokens, "
+             f"{'causal ' if cfg.get('causal') else ''}SDPA attention + feed-forward, {cfg['dtype']} on "
+             f"{result.get('machine', {}).get('device', cfg['device'])}; `{result['command']}`, "
+             f"{result['date']}:", "",
+             "| method | fwd+bwd time / plain | activation peak MiB | / plain | / checkpoint |",
+             "| --- | --- | --- | --- | --- |"]
+    plain = by["plain"]["activation_bytes"]
+    for m, r in by.items():
+        act = r["activation_bytes"]
+        vs_plain = "n/a" if act is None or not plain else f"{act / plain:.3f}x"
+        vs_ck = "n/a" if act is None or not ck else f"{act / ck:.2f}x"
+        lines.append(f"| {m} | {r['time_ratio']:.2f}x | {_mib(act)} | {vs_plain} | {vs_ck} |")
+    return "\n".join(lines) + "\n"
 
 
 def render_drift_markdown(result: dict) -> str:
@@ -807,6 +828,8 @@ def main(argv=None) -> dict:
     result.update(command=command, date=date, machine=_machine(args))
     (out / "bench.json").write_text(json.dumps(result, indent=2))
     (out / "bench.md").write_text(render_markdown(result))
+    if peaks:
+        (out / "headline.md").write_text(render_headline(result))
     wrote_plot = plot(result, out / "bench.png")
     print(f"wrote {out / 'bench.json'}, {out / 'bench.md'}" + (f" and {out / 'bench.png'}" if wrote_plot else ""))
     return result

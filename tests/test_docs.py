@@ -19,6 +19,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 # Files with a JSON sibling come from the benchmark and must re-render identically;
 # the memory tables (tests/test_memory.py) are checked as embedded copies only.
 GENERATED = sorted(p for p in (ROOT / "docs" / "generated").rglob("*.md") if p.with_suffix(".json").exists())
+HEADLINES = sorted((ROOT / "docs" / "generated").rglob("headline.md"))
 EMBED = re.compile(r"<!-- generated: (?P<path>\S+) -->\n(?P<body>.*?)<!-- end generated -->", re.S)
 
 
@@ -42,6 +43,11 @@ def test_generated_file_is_the_renderer_output_of_its_json(md):
     result = json.loads(md.with_suffix(".json").read_text())
     render = bench.render_drift_markdown if "drift" in result else bench.render_markdown
     assert render(result) == md.read_text()
+
+
+@pytest.mark.parametrize("md", HEADLINES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_headline_is_the_renderer_output_of_its_runs_json(md):
+    assert bench.render_headline(json.loads(md.with_name("bench.json").read_text())) == md.read_text()
 
 
 def embed() -> None:

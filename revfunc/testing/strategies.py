@@ -133,7 +133,7 @@ def stacks(draw: Callable, max_depth: int = 16, max_dim: int = 6,
 
     Args:
         max_depth: largest depth drawn (from 1).
-        max_dim: largest half-width drawn.
+        max_dim: largest half-width drawn (attention stacks: 4 to 8, at least 4).
         dtypes: floating dtypes to draw from.
         kind: ``"mlp"``, ``"attention"`` or ``None`` (either).
     """
@@ -141,7 +141,10 @@ def stacks(draw: Callable, max_depth: int = 16, max_dim: int = 6,
     depth = draw(depths(1, max_depth))
     kind = kind or draw(st.sampled_from(["mlp", "attention"]))
     if kind == "attention":
-        dim = draw(st.sampled_from([d for d in (2, 4, 6, 8) if d <= max(max_dim, 2)]))
+        # Not 2: LayerNorm over two features maps to +-1 and its Jacobian blows up where
+        # the two are close, so float32 gradient checks fail there for any implementation
+        # (about 1 draw in 7 measured, the einsum attention before SDPA included).
+        dim = draw(st.sampled_from([d for d in (4, 6, 8) if d <= max(max_dim, 4)]))
         batch = (draw(st.integers(1, 3)), draw(st.integers(1, 5)))
         blocks, params = draw(attention_blocks(depth, dim, dtype))
         kwargs = None
