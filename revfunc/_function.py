@@ -30,10 +30,9 @@ import sys
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
+from torch.autograd.graph import _engine_run_backward  # private, but stable from 2.11 to 2.13 (tested)
 
 from revfunc import _checks
-from torch.autograd.graph import _engine_run_backward
-
 from revfunc._levels import SAME_LEVEL, current_grad_interpreter, guarded, records_below
 from revfunc.random import call_branch, device_module
 
@@ -160,9 +159,10 @@ def _mutation_error(where: str, index: int, branch: str, fn, label: str) -> Valu
         "in training, or use revfunc.sequential_sequence.")
 
 
-def _rng_error(where: str, index: int, branch: str) -> RuntimeError:
+def _rng_error(where: str, index: Optional[int], branch: Optional[str]) -> RuntimeError:
+    who = "a branch" if index is None else f"block {index} branch {branch}"
     return RuntimeError(
-        f"{where}: block {index} branch {branch} drew random numbers from the global RNG, but the call was "
+        f"{where}: {who} drew random numbers from the global RNG, but the call was "
         "declared deterministic (deterministic=True, or revfunc.nn.ReversibleSequence, which found no active "
         "dropout-like submodule: eval mode, or none with p > 0), so the backward could not replay them. Pass "
         "generator=torch.Generator() (to forward, or to reversible_sequence), or deterministic=False.")
@@ -216,7 +216,7 @@ def run_forward(plan: Plan, x1: torch.Tensor, x2: torch.Tensor, tensors: Sequenc
     if rng_before is not None and not _same_states(rng_before, _rng_states(x1.device)):
         _set_rng_states(x1.device, rng_before)
         _forward_loop(plan, x1, x2.clone(), tensors, _call_checking_rng)  # raises naming the branch
-        raise _rng_error(plan.where, -1, "?")  # unreachable unless the branch is not reproducible
+        raise _rng_error(plan.where, None, None)  # the replay did not repeat the draw: name no branch
     return out
 
 

@@ -49,12 +49,12 @@ def _dropout_rate(module: nn.Module) -> float:
         return 1.0
     for name in ("dropout", "dropout_p"):  # SDPA-style attention, nn.MultiheadAttention
         value = getattr(module, name, None)
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if _is_rate(value):
             return float(value)
     return 0.0
 
 
-def random_submodules(module: nn.Module) -> List[Tuple[str, nn.Module]]:
+def _random_submodules(module: nn.Module) -> List[Tuple[str, nn.Module]]:
     """``(name, submodule)`` for the submodules that can draw random numbers in training:
     dropout modules, ``nn.RReLU``, and modules with a float ``dropout``/``dropout_p``
     attribute (attention on ``F.scaled_dot_product_attention``, ``nn.MultiheadAttention``).
@@ -64,7 +64,11 @@ def random_submodules(module: nn.Module) -> List[Tuple[str, nn.Module]]:
     """
     return [(name, sub) for name, sub in module.named_modules()
             if isinstance(sub, (nn.modules.dropout._DropoutNd, nn.RReLU))
-            or any(isinstance(getattr(sub, a, None), float) for a in ("dropout", "dropout_p"))]
+            or any(_is_rate(getattr(sub, a, None)) for a in ("dropout", "dropout_p"))]
+
+
+def _is_rate(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _active(candidates) -> List[Tuple[str, nn.Module]]:
@@ -233,16 +237,16 @@ class ReversibleSequence(nn.Module):
             block.pure()  # settle the pure views after the registrations above
 
     def _random_candidates(self) -> List[Tuple[str, nn.Module]]:
-        """:func:`random_submodules`, cached until a module registration anywhere."""
+        """:func:`_random_submodules`, cached until a module registration anywhere."""
         generation = structure_generation()
         cache = getattr(self, "_random_cache", None)  # absent on modules pickled before it existed
         if cache is None or cache[0] != generation:
-            self._random_cache = (generation, random_submodules(self))
+            self._random_cache = (generation, _random_submodules(self))
         return self._random_cache[1]
 
     def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None, **kwargs: Any) -> torch.Tensor:
         if torch.compiler.is_compiling():
-            candidates = random_submodules(self)  # traced once per graph, not cached: no writes while tracing
+            candidates = _random_submodules(self)  # traced once per graph, not cached: no writes while tracing
             if generator is None:
                 _reject_unseeded_dropout(candidates)
         else:
