@@ -133,16 +133,22 @@ def checked_call(where: str, index: int, branch: str, fn, params, x, kwargs, see
     watched = _watch(params, x, kwargs)
     before = [t._version for _, _, t in watched]
     rng_before = _rng_states(x.device) if rng_check else None
-    try:
-        out = call_branch(fn, params, x, kwargs, seed)
-    except TypeError as error:
-        raise TypeError(f"{where}: block {index} branch {branch} ({fn!r}) raised: {error}") from error
+    out = _call_naming_block(where, index, branch, fn, params, x, kwargs, seed)
     for (kind, name, t), version in zip(watched, before):
         if t._version != version:
             raise _mutation_error(where, index, branch, fn, _label(kind, name))
     if rng_check and not _same_states(rng_before, _rng_states(x.device)):
         raise _rng_error(where, index, branch)
     return out
+
+
+def _call_naming_block(where: str, index: int, branch: str, fn, params, x, kwargs, seed):
+    """:func:`call_branch`, re-raising a ``TypeError`` (a routed keyword the branch rejects)
+    with the block and branch named."""
+    try:
+        return call_branch(fn, params, x, kwargs, seed)
+    except TypeError as error:
+        raise TypeError(f"{where}: block {index} branch {branch} ({fn!r}) raised: {error}") from error
 
 
 def _same_states(a, b) -> bool:
@@ -226,10 +232,7 @@ def _call_unchecked(plan: Plan, i: int, branch: int, fn, params, x, kwargs):
 
 def _call_checking_input(plan: Plan, i: int, branch: int, fn, params, x, kwargs):
     version = x._version
-    try:
-        out = call_branch(fn, params, x, kwargs, plan.seed(i, branch))
-    except TypeError as error:
-        raise TypeError(f"{plan.where}: block {i} branch {_BRANCH[branch]} ({fn!r}) raised: {error}") from error
+    out = _call_naming_block(plan.where, i, _BRANCH[branch], fn, params, x, kwargs, plan.seed(i, branch))
     if x._version != version:
         raise _mutation_error(plan.where, i, _BRANCH[branch], fn, "its input x")
     return out
