@@ -7,6 +7,7 @@ A branch function is ``fn(params, x, **kwargs) -> Tensor``; ``params`` is a dict
 from __future__ import annotations
 
 import inspect
+import weakref
 from typing import Any, Dict, Iterable, List, Tuple
 
 import torch
@@ -20,12 +21,22 @@ __all__ = ["pure", "pure_blocks", "PureModule", "split_buffers", "merge_buffers"
 # Bumped whenever any module anywhere registers a submodule, parameter or buffer
 # (assignment, weight_norm, parametrizations, register_*): containers that cache the
 # structure of their modules compare it to rebuild when their tree may have changed.
+# Each registering module is stamped with the new count, so a container can tell
+# whether a registration touched *its* modules (a few lookups) without walking its tree.
 _STRUCTURE_GENERATION = [0]
+_STAMPS: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
 
 
-def _structure_changed(*_args: Any) -> None:
-    _STRUCTURE_GENERATION[0] += 1  # returns None: the registration proceeds unchanged
+def _structure_changed(module: nn.Module, *_args: Any) -> None:
+    _STRUCTURE_GENERATION[0] += 1
+    try:
+        _STAMPS[module] = _STRUCTURE_GENERATION[0]
+    except TypeError:  # a module that cannot be weakly referenced: every check then rebuilds
+        _STAMPS_UNTRACKED[0] = _STRUCTURE_GENERATION[0]
+    # returns None: the registration proceeds unchanged
 
+
+_STAMPS_UNTRACKED = [0]
 
 for _register in (nn.modules.module.register_module_module_registration_hook,
                   nn.modules.module.register_module_parameter_registration_hook,
@@ -36,6 +47,14 @@ for _register in (nn.modules.module.register_module_module_registration_hook,
 def structure_generation() -> int:
     """A counter that changes whenever any module registers a submodule, parameter or buffer."""
     return _STRUCTURE_GENERATION[0]
+
+
+def registered_since(generation: int, modules: Iterable[nn.Module]) -> bool:
+    """Whether any of ``modules`` registered a submodule, parameter or buffer after
+    :func:`structure_generation` returned ``generation``."""
+    if _STAMPS_UNTRACKED[0] > generation:
+        return True
+    return any(_STAMPS.get(m, 0) > generation for m in modules)
 
 
 class PureModule:

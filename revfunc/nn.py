@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from revfunc import _checks
-from revfunc.functional import PureModule, structure_generation
+from revfunc.functional import PureModule, registered_since, structure_generation
 from revfunc.random import accepts_generator, call_branch, derive_seed, draw_base_seed
 from revfunc.routing import check_router, layer_drop, route_args
 from revfunc.sequence import reversible_inverse, reversible_sequence
@@ -114,6 +114,8 @@ class ReversibleBlock(nn.Module):
         self.g = _Branch(g)
         self._pure = (PureModule(f), PureModule(g))
         self._generation = structure_generation()
+        # (name, module) of the branches' dropout-like submodules, refreshed with the pure view.
+        self._random_candidates = _random_submodules(self)
 
     def pure(self) -> Tuple[Tuple[PureModule, PureModule], Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]]:
         """``((f_fn, g_fn), (f_params, g_params))`` with the live parameters.
@@ -133,12 +135,24 @@ class ReversibleBlock(nn.Module):
             return self._pure, (self._pure[0].live_params(), self._pure[1].live_params())
         generation = structure_generation()
         if self._generation != generation:
+            # A registration somewhere: rebuild if the branches were replaced, or if one of
+            # their own modules registered something and their layout really changed.
             if self.f.net is not self._pure[0].module or self.g.net is not self._pure[1].module \
-                    or not (self._pure[0].is_current() and self._pure[1].is_current()):
+                    or (registered_since(self._generation, self._pure[0].submodules + self._pure[1].submodules)
+                        and not (self._pure[0].is_current() and self._pure[1].is_current())):
                 _reject_stateful("revfunc.nn.ReversibleBlock", self, "")
                 self._pure = (PureModule(self.f.net), PureModule(self.g.net))
+                self._random_candidates = _random_submodules(self)
             self._generation = generation
         return self._pure, (self._pure[0].live_params(), self._pure[1].live_params())
+
+    def random_candidates(self) -> List[Tuple[str, nn.Module]]:
+        """``(name, module)`` of the branches' submodules that can draw random numbers in
+        training (dropout-like), as of the last :meth:`pure` call."""
+        cached = self.__dict__.get("_random_candidates")  # absent on blocks pickled before it existed
+        if cached is None:
+            cached = self.__dict__["_random_candidates"] = _random_submodules(self)
+        return cached
 
     def _split(self, where: str, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         if not isinstance(x, torch.Tensor):
@@ -232,30 +246,18 @@ class ReversibleSequence(nn.Module):
         self.layer_dropout = _check_layer_dropout(where, layer_dropout)
         self.blocks = nn.ModuleList([ReversibleBlock(f=f, g=g) for f, g in pairs])
         _reject_stateful(where, self.blocks, "blocks")
-        self._random_cache = None
         for block in self.blocks:
             block.pure()  # settle the pure views after the registrations above
 
-    def _random_candidates(self) -> List[Tuple[str, nn.Module]]:
-        """:func:`_random_submodules`, cached until a module registration anywhere."""
-        generation = structure_generation()
-        cache = getattr(self, "_random_cache", None)  # absent on modules pickled before it existed
-        if cache is None or cache[0] != generation:
-            self._random_cache = (generation, _random_submodules(self))
-        return self._random_cache[1]
-
     def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None, **kwargs: Any) -> torch.Tensor:
-        if torch.compiler.is_compiling():
-            candidates = _random_submodules(self)  # traced once per graph, not cached: no writes while tracing
-            if generator is None:
-                _reject_unseeded_dropout(candidates)
-        else:
-            candidates = self._random_candidates()
+        if generator is None and torch.compiler.is_compiling():
+            _reject_unseeded_dropout(_random_submodules(self))  # full names; traced once per graph
         routed = route_args(self.args_route, kwargs, len(self.blocks))
         if len(self.blocks) == 0:  # the classic container returns the two halves' sum
             return x + x
         keep = _kept_layers(self, len(self.blocks), generator)
-        fns, params = zip(*(self.blocks[i].pure() for i in keep))
+        fns, params = zip(*(self.blocks[i].pure() for i in keep))  # also refreshes the candidates
+        candidates = [c for i in keep for c in self.blocks[i].random_candidates()]
         # With no dropout-like submodule active (none, all p == 0, or eval mode) no seed
         # is drawn and no RNG state is forked per branch; the forward instead checks that
         # no branch touched the global RNG (a custom random op raises, naming the block).

@@ -144,3 +144,21 @@ def test_hoisted_checks_name_the_branch_that_modified_a_parameter():
     with pytest.raises(ValueError, match=r"block 2 branch g modified parameter/buffer '0.bias'"):
         with torch.no_grad():
             revfunc.reversible_sequence(blocks, params, torch.randn(2, 4), torch.randn(2, 4))
+
+
+def test_a_registration_elsewhere_neither_walks_nor_rebuilds_the_pure_views(monkeypatch):
+    from revfunc.functional import PureModule
+
+    model = rnn.ReversibleSequence(mlp_layers(2, 4))
+    x = torch.randn(3, 4)
+    model(x).sum().backward()
+    views = [block._pure for block in model.blocks]
+    walks = []
+    real = PureModule._current_layout
+    monkeypatch.setattr(PureModule, "_current_layout", lambda self: walks.append(self) or real(self))
+    nn.Module().register_buffer("b", torch.zeros(1))  # any registration anywhere bumps the global count
+    model(x).sum().backward()
+    assert walks == [] and all(block._pure is view for block, view in zip(model.blocks, views))
+    model.blocks[1].g.net[0].register_buffer("extra", torch.zeros(1))  # inside a branch: rechecked, rebuilt
+    model(x).sum().backward()
+    assert walks and model.blocks[1]._pure is not views[1] and model.blocks[0]._pure is views[0]
