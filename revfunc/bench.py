@@ -19,7 +19,7 @@ interleaved:
 
 Presets (``--preset``; explicit flags override them):
 
-- ``long`` (default): the regime reversible layers are chosen for. d=64, 4 heads, 2 x 2048
+- ``long`` (default): the regime reversible layers are chosen for. d=64, 4 heads, 1 x 2048
   tokens, depths 8, 16, 32; activations dominate (batch * tokens >> 6 d). Adds a
   memory-vs-sequence-length sweep at depth 8 (``--seqs``) and a memory-budget table.
 - ``short``: the former default, d=128, 4 x 64 tokens, depths 4 to 32, with the
@@ -68,8 +68,8 @@ COMPILED_STEPS = ("plain/func.grad+compile", "revfunc/vjp+compile")
 FLOORS = ("floor/f", "floor/g")  # one branch's recomputation and vjp alone (memory only)
 DEFAULT_CLASSIC = pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference" / "reversible.py"
 PRESETS = {
-    "long": dict(depths=[8, 16, 32], dim=64, heads=4, seq=2048, batch=2, causal=True, repeats=2, warmup=1,
-                 seqs=[1024, 4096], sweep_depth=8, functional=False, threads=0, memory=True),
+    "long": dict(depths=[8, 16, 32], dim=64, heads=4, seq=2048, batch=1, causal=True, repeats=4, warmup=1,
+                 seqs=[512, 1024], sweep_depth=8, functional=False, threads=0, memory=True),
     "short": dict(depths=[4, 8, 16, 32], dim=128, heads=4, seq=64, batch=4, causal=False, repeats=7, warmup=2,
                   seqs=[], sweep_depth=8, functional=True, threads=0, memory=True),
     "overhead": dict(depths=[32], dim=16, heads=2, seq=1, batch=1, causal=False, repeats=15, warmup=2,

@@ -43,7 +43,7 @@ def test_bench_writes_json_and_plot_with_every_method(tmp_path):
 
 def test_presets_fill_unset_flags_and_flags_override_them():
     args = bench.parse_args([])
-    assert (args.preset, args.dim, args.seq, args.batch, args.depths) == ("long", 64, 2048, 2, [8, 16, 32])
+    assert (args.preset, args.dim, args.seq, args.batch, args.depths) == ("long", 64, 2048, 1, [8, 16, 32])
     assert args.causal and args.seqs and not args.no_memory
     args = bench.parse_args(["--preset", "overhead", "--depths", "4"])
     assert (args.dim, args.seq, args.batch, args.threads, args.depths, args.no_memory) == (16, 1, 1, 1, [4], True)
