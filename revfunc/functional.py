@@ -25,6 +25,7 @@ __all__ = ["pure", "pure_blocks", "PureModule", "split_buffers", "merge_buffers"
 # whether a registration touched *its* modules (a few lookups) without walking its tree.
 _STRUCTURE_GENERATION = [0]
 _STAMPS: "weakref.WeakKeyDictionary[nn.Module, int]" = weakref.WeakKeyDictionary()
+_STAMPS_UNTRACKED = [0]  # the last count stamped on a module that takes no weak reference
 
 
 def _structure_changed(module: nn.Module, *_args: Any) -> None:
@@ -35,8 +36,6 @@ def _structure_changed(module: nn.Module, *_args: Any) -> None:
         _STAMPS_UNTRACKED[0] = _STRUCTURE_GENERATION[0]
     # returns None: the registration proceeds unchanged
 
-
-_STAMPS_UNTRACKED = [0]
 
 for _register in (nn.modules.module.register_module_module_registration_hook,
                   nn.modules.module.register_module_parameter_registration_hook,
