@@ -143,7 +143,7 @@ def stacks(draw: Callable, max_depth: int = 16, max_dim: int = 6,
     if kind == "attention":
         # Not 2: LayerNorm over two features maps to +-1 and its Jacobian blows up where
         # the two are close, so float32 gradient checks fail there for any implementation
-        # (about 1 draw in 7 measured, the einsum attention before SDPA included).
+        # (15 of 110 width-2 draws measured; 5 of 81 with the einsum attention before SDPA).
         dim = draw(st.sampled_from([d for d in (4, 6, 8) if d <= max(max_dim, 4)]))
         batch = (draw(st.integers(1, 3)), draw(st.integers(1, 5)))
         blocks, params = draw(attention_blocks(depth, dim, dtype))
