@@ -14,7 +14,7 @@ from revfunc.sequence import (
     reversible_sequence,
     sequential_sequence,
 )
-from revfunc.sweep import reversible_vjp
+from revfunc.vjp import reversible_vjp
 
 __version__ = "0.1.0"
 

@@ -99,16 +99,105 @@ def check_generator(where: str, generator: Optional[torch.Generator], device: to
                              f"Create it with torch.Generator(device={str(device)!r})."))
 
 
-def check_output_shape(where: str, out: Any, x: torch.Tensor, index: int, branch: str) -> None:
-    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
-        got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else describe(out)
-        raise ValueError(msg(where, f"block {index} branch {branch}", f"an output shaped like its input "
-                             f"{tuple(x.shape)}", got, "A reversible branch must preserve the shape."))
-
-
 def check_positive_int(where: str, arg: str, value: Any, allow_none: bool = True) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(msg(where, arg, "None or a positive int" if allow_none else "a positive int",
                              describe(value)))
+
+
+# Messages of the engine's per-branch checks (raised by revfunc._branch and revfunc._walk).
+
+def check_bool(where: str, arg: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(msg(where, arg, "a bool", describe(value)))
+
+
+def branch_name(index: int, branch: str) -> str:
+    return f"block {index} branch {branch}"
+
+
+def check_branch_output(where: str, out: Any, x: torch.Tensor, index: int, branch: str) -> None:
+    """A branch output: a floating tensor shaped like its input, whose dtype does not widen
+    the stream (``x + out`` keeps ``x.dtype``; a lower-precision output under autocast is fine)."""
+    if not isinstance(out, torch.Tensor) or out.shape != x.shape:
+        got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else describe(out)
+        raise ValueError(msg(where, branch_name(index, branch), f"an output shaped like its input "
+                             f"{tuple(x.shape)}", got, "A reversible branch must preserve the shape."))
+    if out.dtype != x.dtype and (not out.is_floating_point() or torch.promote_types(out.dtype, x.dtype) != x.dtype):
+        raise TypeError(msg(where, branch_name(index, branch), f"a floating output no wider than its input's "
+                            f"dtype {x.dtype}", f"dtype {out.dtype}",
+                            "The stream x + f(x) would change dtype: cast the branch output (out.to(x.dtype))."))
+
+
+
+
+def branch_type_error(where: str, index: int, branch: str, fn: Any, error: TypeError) -> TypeError:
+    """A ``TypeError`` raised by a branch call (typically a routed keyword it does not
+    accept), re-raised naming the block and the branch."""
+    return TypeError(f"{where}: {branch_name(index, branch)} ({fn!r}) raised: {error}")
+
+
+def module_of(fn: Any, label: str) -> str:
+    """`` (module 'net.1', BatchNorm1d)`` for a parameter/buffer label of a module branch."""
+    module = getattr(fn, "module", None)
+    if module is None or "'" not in label:
+        return ""
+    path = label.split("'")[1].rpartition(".")[0]
+    try:
+        sub = module.get_submodule(path)
+    except AttributeError:
+        return ""
+    return f" (module {path or '<root>'!r}, {type(sub).__name__})"
+
+
+def mutation_error(where: str, index: int, branch: str, fn: Any, label: str) -> ValueError:
+    return ValueError(
+        f"{where}: {branch_name(index, branch)} modified {label}{module_of(fn, label)} in place during "
+        "forward. A reversible stack re-runs every branch in backward, so in-place updates would be applied "
+        "twice (BatchNorm running statistics, spectral_norm's power iteration) or would corrupt the stream "
+        "and the caller's tensors (nn.ReLU(inplace=True), x.mul_()). Use out-of-place ops and stateless "
+        "modules (LayerNorm/GroupNorm, track_running_stats=False), call .eval() for modules that only update "
+        "in training, or use revfunc.sequential_sequence.")
+
+
+def rng_error(where: str, index: Optional[int], branch: Optional[str]) -> RuntimeError:
+    who = "a branch" if index is None else branch_name(index, branch)
+    return RuntimeError(
+        f"{where}: {who} drew random numbers from the global RNG, but the call was "
+        "declared deterministic (deterministic=True, or revfunc.nn.ReversibleSequence, which found no active "
+        "dropout-like submodule: eval mode, or none with p > 0), so the backward could not replay them. Pass "
+        "generator=torch.Generator() (to forward, or to reversible_sequence), or deterministic=False.")
+
+
+def recomputation_error(where: str, index: int, branch: str, error: Exception) -> RuntimeError:
+    return RuntimeError(f"{where}: {branch_name(index, branch)} failed in the backward recomputation: {error}")
+
+
+def captured_tensor_error(where: str, index: int, branch: str, fn: Any, tensor: torch.Tensor) -> RuntimeError:
+    return RuntimeError(
+        f"{where}: {branch_name(index, branch)} ({fn!r}) uses a tensor that requires grad but was not passed "
+        f"to it (shape {tuple(tensor.shape)}, dtype {tensor.dtype}): a closure-captured nn.Parameter, or a "
+        "module held in a plain Python list instead of an nn.ModuleList. The memory-saving backward returns "
+        "gradients only for the tensors passed in params and kwargs, so this one would silently get none. "
+        "Register it (nn.ModuleList, nn.Parameter attribute, register_parameter) or pass it in params or as a "
+        "routed keyword, or use revfunc.sequential_sequence. (Under torch.func transforms closed-over tensors "
+        "are constants by design.)")
+
+
+def hooks_warning(where: str, index: int, branch: str, name: str, module: Any) -> str:
+    return (
+        f"{where}: {branch_name(index, branch)} has forward hooks on submodule {name!r} "
+        f"({type(module).__name__}). The backward recomputes the branch, so they fire twice per training step "
+        "(in forward and in the recomputation), and tensors they (or the forward) capture, such as an auxiliary "
+        "loss stored on the module, carry no autograd graph: a loss built on them contributes no gradient. Use "
+        "revfunc.sequential_sequence / revfunc.nn.SequentialSequence for such modules. (Warned once per module.)")
+
+
+def compiled_transform_warning(where: str) -> str:
+    return (
+        f"{where}: traced by torch.compile inside a torch.func gradient transform. Dynamo inlines the "
+        "memory-saving Function's forward and drops its backward there (PyTorch issue #193279), so this "
+        "compiled step stores every block's activations (O(depth) memory), like plain autograd. Compile a step "
+        "written with revfunc.reversible_vjp instead: it keeps activation memory constant in depth.")

@@ -96,3 +96,73 @@ def guarded(results, anchors, message, level=None):
     for k, r in zip(index, out):
         results[k] = r
     return results
+
+
+def backward_one_level_down(interpreter, plan, dy1, dy2, saved, needs, walk):
+    """``walk`` (the backward block walk) for a ``torch.func`` grad level, recorded only below it.
+
+    ``torch.func.grad``/``vjp`` differentiate with ``create_graph=True`` and would record
+    every block's recomputation at their own level, keeping it alive through the returned
+    gradients (O(depth) memory). Here the saved tensors are unwrapped from that level and
+    the walk runs one level down, so outer transforms (``grad(grad)``, ``vmap(grad)``)
+    still see it, and the results are rewrapped. When no grad level is left below, the
+    walk also records nothing at base; results that base autograd could otherwise
+    differentiate get a node that raises (never a silent detach).
+    """
+    import contextlib
+
+    from torch._C._functorch import _unwrap_for_grad, _wrap_for_grad
+
+    level = interpreter.level()
+
+    def unwrap(t):
+        return None if t is None else _unwrap_for_grad(t, level)
+
+    saved_down = [unwrap(t) for t in saved]
+    anchors = tuple(saved_down)  # the walk drops y1/y2 from its list; the saved variables keep them anyway
+    message = SAME_LEVEL.format(where=plan.where)
+    with interpreter.lower():
+        records = records_below()
+        base_grad = torch.is_grad_enabled()
+        with contextlib.nullcontext() if records else torch.no_grad():
+            dx1, dx2, grads = walk(plan, unwrap(dy1), unwrap(dy2), saved_down, needs, captures=False)
+        results = [dx1, dx2, *grads]
+        if not records and base_grad and torch._C._functorch.peek_interpreter_stack() is None:
+            results = guarded(results, anchors, message)
+    results = [None if r is None else _wrap_for_grad(r, level) for r in results]
+    if torch.is_grad_enabled():
+        results = guarded(results, (dy1, dy2, *saved), message, level)
+    return results[0], results[1], results[2:]
+
+
+def from_exited_transform(saved) -> bool:
+    """Whether the saved tensors belong to a ``torch.func`` level that has exited: the
+    backward is then run by the ``vjp_fn`` that ``torch.func.vjp`` returned, at base
+    with ``create_graph`` on (grad mode), outside the transform."""
+    from torch._C._functorch import is_functorch_wrapped_tensor, maybe_get_level
+
+    if torch._C._functorch.peek_interpreter_stack() is not None:  # e.g. vmap(vjp_fn) in jacrev: walk as usual
+        return False
+    return any(t is not None and is_functorch_wrapped_tensor(t) and maybe_get_level(t) == -2 for t in saved)
+
+
+def backward_after_transform(plan, dy1, dy2, saved, needs, walk):
+    """``walk`` for a ``vjp_fn`` called after its ``torch.func.vjp`` returned.
+
+    That ``vjp_fn`` differentiates with ``create_graph=True`` at base, so with live
+    parameters (which require grad at base) every block's recomputation would be
+    recorded and kept alive by the returned gradients. The walk runs without recording
+    instead, and the results get a node that raises if they are differentiated again
+    (``higher_order=True`` records, for that case).
+    """
+    from torch._C._functorch import get_unwrapped, is_functorch_wrapped_tensor, maybe_get_level
+
+    def unwrap(t):  # the exited level's wrappers only
+        while t is not None and is_functorch_wrapped_tensor(t) and maybe_get_level(t) == -2:
+            t = get_unwrapped(t)
+        return t
+
+    with torch.no_grad():
+        dx1, dx2, grads = walk(plan, unwrap(dy1), unwrap(dy2), [unwrap(t) for t in saved], needs, captures=False)
+    results = guarded([dx1, dx2, *grads], saved, SAME_LEVEL.format(where=plan.where))
+    return results[0], results[1], results[2:]

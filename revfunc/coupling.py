@@ -12,29 +12,18 @@ from typing import Any, Mapping, Optional, Tuple
 
 import torch
 
-from revfunc import _checks
+from revfunc import _walk
+from revfunc._plan import make_plan, validate
 from revfunc._types import BranchFn, Params
-from revfunc.random import call_branch
 
 __all__ = ["coupling", "coupling_inverse"]
 
-_EMPTY: Mapping[str, Any] = {}
 
-
-def couple(f, g, f_params, g_params, x1, x2, f_kwargs, g_kwargs, f_seed, g_seed, call_f=call_branch,
-           call_g=call_branch):
-    """One forward coupling step with per-branch child seeds (``None``: as is)."""
-    y1 = x1 + call_f(f, f_params, x2, f_kwargs, f_seed)
-    y2 = x2 + call_g(g, g_params, y1, g_kwargs, g_seed)
-    return y1, y2
-
-
-def uncouple(f, g, f_params, g_params, y1, y2, f_kwargs, g_kwargs, f_seed, g_seed, call_f=call_branch,
-             call_g=call_branch):
-    """One inverse coupling step with per-branch child seeds (``None``: as is)."""
-    x2 = y2 - call_g(g, g_params, y1, g_kwargs, g_seed)
-    x1 = y1 - call_f(f, f_params, x2, f_kwargs, f_seed)
-    return x1, x2
+def _one_block_plan(where, f, g, f_params, g_params, a1, a2, f_kwargs, g_kwargs, names):
+    """A one-block plan (plain calls: the global RNG as is, no replay)."""
+    blocks, params, kwargs = [(f, g)], [(f_params, g_params)], [(f_kwargs or {}, g_kwargs or {})]
+    validate(where, blocks, params, a1, a2, kwargs, None, names)
+    return make_plan(where, blocks, params, kwargs, None, a1, a2, replay=False, recomputes=False)
 
 
 def coupling(
@@ -65,8 +54,10 @@ def coupling(
         >>> y1.tolist(), y2.tolist()
         ([3.0, 3.0], [10.0, 10.0])
     """
-    _checks.check_stream_pair("revfunc.coupling", x1, x2)
-    return couple(f, g, f_params, g_params, x1, x2, f_kwargs or _EMPTY, g_kwargs or _EMPTY, None, None)
+    plan, tensors = _one_block_plan("revfunc.coupling", f, g, f_params, g_params, x1, x2, f_kwargs, g_kwargs,
+                                    ("x1", "x2"))
+    y1, y2, _ = _walk.forward(plan, x1, x2, tensors)
+    return y1, y2
 
 
 def coupling_inverse(
@@ -88,5 +79,7 @@ def coupling_inverse(
     Pure: yes, if ``f`` and ``g`` are.
     Differentiable in: y1, y2, f_params, g_params, tensor kwargs.
     """
-    _checks.check_stream_pair("revfunc.coupling_inverse", y1, y2, ("y1", "y2"))
-    return uncouple(f, g, f_params, g_params, y1, y2, f_kwargs or _EMPTY, g_kwargs or _EMPTY, None, None)
+    plan, tensors = _one_block_plan("revfunc.coupling_inverse", f, g, f_params, g_params, y1, y2, f_kwargs,
+                                    g_kwargs, ("y1", "y2"))
+    ((_, x1, x2),) = _walk.inverse(plan, y1, y2, tensors)
+    return x1, x2

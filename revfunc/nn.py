@@ -18,9 +18,10 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from revfunc import _checks
+from revfunc import _checks, _walk
+from revfunc._plan import make_plan
 from revfunc.functional import PureModule, registered_since, structure_generation
-from revfunc.random import accepts_generator, call_branch, derive_seed, draw_base_seed
+from revfunc.random import accepts_generator
 from revfunc.routing import check_router, layer_drop, route_args
 from revfunc.sequence import reversible_inverse, reversible_sequence
 
@@ -284,6 +285,9 @@ class _LiveModule:
     def __call__(self, _params: Any, x: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         return self.module(x, **kwargs)
 
+    def __repr__(self) -> str:
+        return f"{type(self.module).__name__}"
+
 
 class SequentialSequence(nn.Module):
     """Drop-in for the classic ``SequentialSequence``: ``x = x + f(x); x = x + g(x)``.
@@ -310,17 +314,14 @@ class SequentialSequence(nn.Module):
         routed = route_args(self.args_route, kwargs, len(self.layers))
         if len(self.layers) == 0:
             return x
+        where = "revfunc.nn.SequentialSequence"
+        _checks.check_stream_pair(where, x, x, ("x", "x"))
+        _checks.check_generator(where, generator, x.device)
         keep = _kept_layers(self, len(self.layers), generator)
-        base = None if generator is None else draw_base_seed(generator)
-        for n, i in enumerate(keep):
-            f, g = self.layers[i]
-            f_kwargs, g_kwargs = routed[i]
-            f_seed = None if base is None else derive_seed(base, n, 0)
-            g_seed = None if base is None else derive_seed(base, n, 1)
-            if base is None:  # the global RNG as is: call the modules directly (Dynamo-friendly)
-                x = x + f(x, **f_kwargs)
-                x = x + g(x, **g_kwargs)
-            else:
-                x = x + call_branch(_LiveModule(f), None, x, f_kwargs, f_seed)
-                x = x + call_branch(_LiveModule(g), None, x, g_kwargs, g_seed)
-        return x
+        blocks = [(_LiveModule(self.layers[i][0]), _LiveModule(self.layers[i][1])) for i in keep]
+        # The one engine, as a plain residual walk: seeds only with a generator (the
+        # global RNG as is otherwise, like the classic class); no recomputation.
+        plan, tensors = make_plan(where, blocks, [({}, {})] * len(keep), [routed[i] for i in keep], generator, x,
+                                  replay=generator is not None, recomputes=False, residual=True)
+        y, _, _ = _walk.forward(plan, x, None, tensors)
+        return y

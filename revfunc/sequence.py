@@ -7,18 +7,18 @@ A stack applies blocks ``(f_i, g_i)``, ``i = 0..L-1``, in order:
 
 from __future__ import annotations
 
-import functools
-import itertools
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Tuple, Union
+
+import warnings
 
 import torch
+from torch._dynamo.comptime import comptime
 
-from revfunc import _checks
+from revfunc import _checks, _walk
+from revfunc._function import function_for
+from revfunc._plan import Plan, make_plan, validate
 from revfunc._tolerances import default_tolerances
-from revfunc._function import Plan, bind, checked_call, function_for
 from revfunc._types import BlockKwargs, BlockParams, Blocks
-from revfunc.coupling import couple, uncouple
-from revfunc.random import derive_seed, draw_base_seed
 
 __all__ = [
     "reversible_sequence",
@@ -28,138 +28,8 @@ __all__ = [
     "ReconstructionError",
 ]
 
-_NO_KWARGS = ({}, {})
-
-
 class ReconstructionError(RuntimeError):
     """A rebuilt block input drifted past the tolerance (or is not finite)."""
-
-
-def _under_compile() -> bool:
-    return torch.compiler.is_compiling()
-
-
-def _resolve_seeds(generator: Optional[torch.Generator], depth: int, draw: bool) -> Optional[List[Tuple[int, int]]]:
-    """Child seeds for one call: one base-seed draw, then :func:`derive_seed` per branch.
-
-    With no generator, nothing is drawn unless ``draw`` (a replay can happen), and never
-    inside ``torch.compile``; branches then run with the global RNG as is.
-    """
-    if generator is None and (not draw or _under_compile()):
-        return None
-    base = draw_base_seed(generator)
-    return [(derive_seed(base, i, 0), derive_seed(base, i, 1)) for i in range(depth)]
-
-
-def validate(where, blocks, params, x1, x2, kwargs, generator, names=("x1", "x2")):
-    _checks.check_blocks(where, blocks, params)
-    _checks.check_stream_pair(where, x1, x2, names)
-    _checks.check_params_device(where, params, x1.device)
-    _checks.check_kwargs(where, kwargs, len(blocks))
-    _checks.check_generator(where, generator, x1.device)
-
-
-def _reject_forward_mode(where: str, tensors: Sequence[torch.Tensor]) -> None:
-    """Raise a clear error under forward-mode AD (``torch.func.jvp``/``jacfwd``, dual tensors)."""
-    if _under_compile():
-        return
-    from torch._C._functorch import TransformType
-    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
-
-    in_jvp = any(i.key() == TransformType.Jvp for i in retrieve_all_functorch_interpreters())
-    if not in_jvp and torch.autograd.forward_ad._current_level >= 0:
-        in_jvp = any(torch.autograd.forward_ad.unpack_dual(t).tangent is not None for t in tensors)
-    if in_jvp:
-        raise RuntimeError(
-            f"{where}: forward-mode AD (torch.func.jvp, jacfwd, hessian, forward_ad dual tensors) "
-            "is unsupported: the memory-saving Function defines reverse mode only. Use reverse "
-            "mode (torch.func.vjp, jacrev; hessian as jacrev(jacrev(f))) or "
-            "revfunc.sequential_sequence for forward-mode derivatives."
-        )
-
-
-def _flatten(blocks, params, kwargs, dedupe=True):
-    """Flat tensor list and per-branch binds.
-
-    In eager mode each tensor gets one slot (by identity), so a tied tensor is saved and
-    passed once. Under ``torch.compile`` every occurrence gets its own slot: Dynamo cannot
-    take ``id()`` of functorch-wrapped tensors, and autograd sums the gradients of a
-    tensor passed twice, so the result is the same.
-    """
-    dedupe = dedupe and not _under_compile()
-    slots: Dict[int, int] = {}
-    tensors: List[torch.Tensor] = []
-
-    def slot(t: torch.Tensor) -> int:
-        if not dedupe:
-            tensors.append(t)
-            return len(tensors) - 1
-        j = slots.get(id(t))
-        if j is None:
-            j = slots[id(t)] = len(tensors)
-            tensors.append(t)
-        return j
-
-    binds = []
-    for i, (pair, kw) in enumerate(zip(params, kwargs if kwargs is not None else itertools.repeat(_NO_KWARGS))):
-        block_binds = []
-        for p, k in zip(pair, kw):
-            param_slots = tuple((name, slot(t)) for name, t in p.items())
-            diff, other, static = [], [], {}
-            for name, v in k.items():
-                if isinstance(v, torch.Tensor):
-                    (diff if v.is_floating_point() else other).append((name, slot(v)))
-                else:
-                    static[name] = v
-            block_binds.append((param_slots, tuple(diff), tuple(other), static))
-        binds.append(tuple(block_binds))
-    return tensors, binds
-
-
-def _exact_states(depth: int, checkpoint_every: Optional[int]) -> Tuple[int, ...]:
-    if checkpoint_every is None:
-        return ()
-    return tuple(range(checkpoint_every, depth, checkpoint_every))
-
-
-def _autocast_state(device_type: str) -> Tuple[str, torch.dtype, bool]:
-    return device_type, torch.get_autocast_dtype(device_type), torch.is_autocast_enabled(device_type)
-
-
-def _modes(blocks):
-    """Per block, per branch: ``(modules, training flags)`` of a module-backed branch."""
-    if _under_compile():
-        return None
-    modes = []
-    for pair in blocks:
-        block = []
-        for fn in pair:
-            modules = getattr(fn, "submodules", None)
-            block.append(None if modules is None else (modules, tuple(m.training for m in modules)))
-        modes.append(tuple(block))
-    return tuple(modes)
-
-
-def make_plan(where, blocks, params, kwargs, generator, x1, x2, checkpoint_every=None, reverse_mode_only=False,
-              higher_order=False, dedupe=True, replay=None, deterministic=False):
-    """Flatten the call's tensors and fix its seeds and autocast state in a :class:`Plan`.
-
-    ``replay``: whether the call's random numbers must be replayable (``None``: when
-    grad is enabled and an input requires it, i.e. a backward can follow). Without a
-    generator, a seed is drawn from the global RNG only then, and not when
-    ``deterministic`` (where the forward instead checks that no branch uses the RNG).
-    """
-    tensors, binds = _flatten(blocks, params, kwargs, dedupe)
-    if reverse_mode_only:
-        _reject_forward_mode(where, (x1, x2, *tensors))
-    if replay is None:
-        replay = torch.is_grad_enabled() and any(t.requires_grad for t in (x1, x2, *tensors))
-    draw = replay and not deterministic
-    rng_check = generator is None and deterministic and replay and not _under_compile()
-    plan = Plan(where, tuple(tuple(b) for b in blocks), tuple(binds), _resolve_seeds(generator, len(blocks), draw),
-                _exact_states(len(blocks), checkpoint_every), _autocast_state(x1.device.type), higher_order,
-                _modes(blocks), rng_check)
-    return plan, tensors
 
 
 def reversible_sequence(
@@ -248,18 +118,29 @@ def reversible_sequence(
     where = "revfunc.reversible_sequence"
     validate(where, blocks, params, x1, x2, kwargs, generator)
     _checks.check_positive_int(where, "checkpoint_every", checkpoint_every)
-    for name, value in (("higher_order", higher_order), ("deterministic", deterministic)):
-        if not isinstance(value, bool):
-            raise TypeError(_checks.msg(where, name, "a bool", _checks.describe(value)))
+    _checks.check_bool(where, "higher_order", higher_order)
+    _checks.check_bool(where, "deterministic", deterministic)
     _check_tolerance_arg(where, check_reconstruction)
+    if torch.compiler.is_compiling():
+        comptime(_warn_if_compiled_under_transform)  # runs once, at trace time
     checking = check_reconstruction is not None and check_reconstruction is not False
-    plan, tensors = make_plan(where, blocks, params, kwargs, generator, x1, x2, checkpoint_every,
+    plan, tensors = make_plan(where, blocks, params, kwargs, generator, x1, x2, checkpoint_every=checkpoint_every,
                               reverse_mode_only=True, higher_order=higher_order, deterministic=deterministic,
                               replay=True if checking else None)
     if checking:
         _check_drift(plan, x1, x2, tensors, check_reconstruction)
     out = function_for(len(tensors)).apply(plan, x1, x2, *tensors)
     return out[0], out[1]
+
+
+def _warn_if_compiled_under_transform(_ctx=None) -> None:
+    """At trace time: inside a ``torch.func`` gradient transform Dynamo drops the
+    Function's backward (PyTorch #193279), so the step stores every activation; say so."""
+    from torch._C._functorch import TransformType
+    from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters
+
+    if any(i.key() == TransformType.Grad for i in retrieve_all_functorch_interpreters()):
+        warnings.warn(_checks.compiled_transform_warning("revfunc.reversible_sequence"), UserWarning, stacklevel=2)
 
 
 def _check_tolerance_arg(where: str, value) -> None:
@@ -274,50 +155,13 @@ def _check_tolerance_arg(where: str, value) -> None:
                                      repr(value)))
 
 
-def _apply_block(plan: Plan, i: int, tensors, a1, a2, step, checked: bool = False):
-    """Block i's ``couple`` or ``uncouple`` step with its params, kwargs and child seeds;
-    ``checked``: refuse in-place updates as the reversible forward does."""
-    f, g = plan.blocks[i]
-    (fp, fk), (gp, gk) = bind(plan.binds[i][0], tensors), bind(plan.binds[i][1], tensors)
-    if not checked:
-        return step(f, g, fp, gp, a1, a2, fk, gk, plan.seed(i, 0), plan.seed(i, 1))
-    return step(f, g, fp, gp, a1, a2, fk, gk, plan.seed(i, 0), plan.seed(i, 1),
-                call_f=functools.partial(checked_call, plan.where, i, "f"),
-                call_g=functools.partial(checked_call, plan.where, i, "g"))
-
-
-def _run_plain(plan: Plan, x1, x2, tensors, record: bool = False, checked: bool = False):
-    """Plain forward of a plan; with ``record``, also the list of every block input."""
-    inputs = []
-    for i in range(len(plan.blocks)):
-        if record:
-            inputs.append((x1, x2))
-        x1, x2 = _apply_block(plan, i, tensors, x1, x2, couple, checked)
-    return x1, x2, inputs
-
-
-def rebuilt_inputs(plan: Plan, x1, x2, tensors):
-    """Yield ``(i, (x1', x2'), (x1, x2))`` from the last block down: block i's input as the
-    memory-saving backward rebuilds it, and as a plain forward computed it (no grad).
-
-    At ``plan.exact`` states the rebuild restarts from the true stream, as in backward.
-    """
-    with torch.no_grad():
-        y1, y2, inputs = _run_plain(plan, x1, x2.clone(), tensors, record=True, checked=True)
-        exact = set(plan.exact)
-        for i in range(len(plan.blocks) - 1, -1, -1):
-            if i + 1 in exact:
-                y1, y2 = inputs[i + 1]
-            y1, y2 = _apply_block(plan, i, tensors, y1, y2, uncouple, checked=True)
-            yield i, (y1, y2), inputs[i]
-
-
 def _drift(plan: Plan, x1, x2, tensors) -> List[float]:
     """Per-block relative error of the rebuilt input against the true one (no grad)."""
     errors = [0.0] * len(plan.blocks)
     if x1.numel() == 0:  # nothing to rebuild: no drift
         return errors
-    for i, (r1, r2), (t1, t2) in rebuilt_inputs(plan, x1, x2, tensors):
+    for i, (r1, r2), (t1, t2) in _walk.rebuilt_inputs(plan, x1, x2, tensors):
+        r1, r2, t1, t2 = r1.detach(), r2.detach(), t1.detach(), t2.detach()
         scale = torch.maximum(t1.abs().max(), t2.abs().max()).double()
         diff = torch.maximum((r1 - t1).abs().max(), (r2 - t2).abs().max()).double()
         err = diff / scale.clamp_min(torch.finfo(torch.float64).tiny)
@@ -337,7 +181,7 @@ def _check_drift(plan: Plan, x1, x2, tensors, tolerance) -> None:
             raise ReconstructionError(
                 f"{plan.where}: block {i}'s input rebuilt from the output differs from the true input by "
                 f"relative error {err:.3g} > tolerance {tolerance:.3g} (dtype {x1.dtype}, "
-                f"{len(plan.blocks)} blocks, checkpoint_every boundaries at {list(plan.exact)}). "
+                f"{len(plan.blocks)} blocks, checkpoint_every boundaries at {list(plan.boundaries)}). "
                 "The coupling is ill-conditioned at this precision: compute in a wider dtype, "
                 "shrink the branch's gain, or pass checkpoint_every=k to keep exact inputs every k blocks."
             )
@@ -370,8 +214,8 @@ def run_sequential(blocks, params, x1, x2, kwargs=None, generator=None, replay=N
     seeds a gradient-taking call would draw, e.g. for finite differences under no_grad)."""
     where = "revfunc.sequential_sequence"
     validate(where, blocks, params, x1, x2, kwargs, generator)
-    plan, tensors = make_plan(where, blocks, params, kwargs, generator, x1, x2, replay=replay)
-    y1, y2, _ = _run_plain(plan, x1, x2, tensors)
+    plan, tensors = make_plan(where, blocks, params, kwargs, generator, x1, x2, replay=replay, recomputes=False)
+    y1, y2, _ = _walk.forward(plan, x1, x2, tensors)
     return y1, y2
 
 
@@ -395,11 +239,15 @@ def reversible_inverse(
     """
     where = "revfunc.reversible_inverse"
     validate(where, blocks, params, y1, y2, kwargs, generator, names=("y1", "y2"))
-    plan, tensors = make_plan(where, blocks, params, kwargs, generator, y1, y2, replay=True)
-    y1 = y1.clone()  # the last g sees a copy: a branch that writes its input cannot reach the caller's
-    for i in range(len(plan.blocks) - 1, -1, -1):
-        y1, y2 = _apply_block(plan, i, tensors, y1, y2, uncouple, checked=True)
-    return y1, y2
+    plan, tensors = make_plan(where, blocks, params, kwargs, generator, y1, y2, replay=True, recomputes=False)
+
+    def run(watch):
+        x1 = x2 = None
+        for _, x1, x2 in _walk.inverse(plan, y1, y2, tensors, watch):
+            pass
+        return x1, x2
+
+    return _walk.checked(plan, tensors, y1.device, run)
 
 
 def reconstruction_error(
@@ -429,5 +277,6 @@ def reconstruction_error(
     where = "revfunc.reconstruction_error"
     validate(where, blocks, params, x1, x2, kwargs, generator)
     _checks.check_positive_int(where, "checkpoint_every", checkpoint_every)
-    plan, tensors = make_plan(where, blocks, params, kwargs, generator, x1, x2, checkpoint_every, replay=True)
+    plan, tensors = make_plan(where, blocks, params, kwargs, generator, x1, x2, checkpoint_every=checkpoint_every,
+                              replay=True, recomputes=False)
     return _drift(plan, x1, x2, tensors)

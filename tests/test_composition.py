@@ -1,5 +1,7 @@
 """revfunc composed with autograd usage patterns and torch.func transforms."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -127,7 +129,11 @@ def test_compile_fullgraph_grad_step_matches_eager_without_recompiling():
     compiled = torch.compile(step, fullgraph=True, backend=counter)
     for seed in range(3):
         x1, x2 = inputs((4, 8), seed=seed, dtype=torch.float32, requires_grad=False)
-        _assert_tree_close(compiled(params, x1, x2), step(params, x1, x2))
+        # Correct, but Dynamo drops the custom backward here: warned once, at trace time.
+        with pytest.warns(UserWarning, match=r"stores every block's activations.*revfunc.reversible_vjp") \
+                if seed == 0 else contextlib.nullcontext():
+            got = compiled(params, x1, x2)
+        _assert_tree_close(got, step(params, x1, x2))
     assert counter.frame_count == 1
 
 

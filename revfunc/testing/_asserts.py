@@ -10,19 +10,11 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from revfunc._types import BlockKwargs, BlockParams, Blocks
-from revfunc._function import bind
-from revfunc.random import call_branch
-from revfunc.sequence import (
-    _run_plain,
-    make_plan,
-    rebuilt_inputs,
-    reversible_sequence,
-    run_sequential,
-    sequential_sequence,
-    validate,
-)
+from revfunc import _branch, _walk
+from revfunc._plan import make_plan, validate
 from revfunc._tolerances import default_tolerances
+from revfunc._types import BlockKwargs, BlockParams, Blocks
+from revfunc.sequence import reversible_sequence, run_sequential, sequential_sequence
 
 __all__ = ["assert_invertible", "assert_gradients_match"]
 
@@ -90,7 +82,7 @@ def assert_invertible(
     rtol, atol = _tolerances(x1.dtype, rtol, atol)
     restore = _rng_restorer(generator)
     plan, tensors = make_plan(where, blocks, params, kwargs, generator, x1, x2, replay=True)
-    for i, (r1, r2), (t1, t2) in rebuilt_inputs(plan, x1, x2, tensors):
+    for i, (r1, r2), (t1, t2) in _walk.rebuilt_inputs(plan, x1, x2, tensors):
         for name, rebuilt_t, true_t in (("x2", r2, t2), ("x1", r1, t1)):  # the order the inverse rebuilds
             if not torch.isfinite(true_t).all():
                 raise AssertionError(f"{where}: block {i - 1 if i else 'input'} produced a non-finite "
@@ -245,40 +237,46 @@ def _check_blocks_by_finite_differences(where, blocks, params, x1, x2, kwargs, g
     """Each branch's own vjp against float64 central differences at its recorded input."""
     plan, tensors = make_plan(where, blocks, params, kwargs, generator, x1, x2, replay=True)
     restore()
+    inputs: list = []
     with torch.no_grad():
-        y1, _, inputs = _run_plain(plan, x1, x2.clone(), tensors, record=True, checked=True)
+        y1, _, _ = _walk.checked(plan, tensors, x1.device, lambda watch: _walk.forward(plan, x1, x2, tensors, watch,
+                                                                                       inputs))
     # f of block i sees its input x2; g sees y1 = the next block's x1 (the output's y1 last).
     branch_inputs = [(b2, inputs[i + 1][0] if i + 1 < len(inputs) else y1) for i, (_, b2) in enumerate(inputs)]
     for i, block_inputs in enumerate(branch_inputs):
         for branch, name in ((0, "f"), (1, "g")):
-            fn = plan.blocks[i][branch]
-            p, k = bind(plan.binds[i][branch], tensors)
-            seed = plan.seed(i, branch)
             x = block_inputs[branch]
-            diff = [n for n, t in p.items() if t.is_floating_point()]
+            # each floating slot once (a tensor tied under two names is one input)
+            diff = list({j: (n, j) for n, j in plan.binds[i][branch].params if tensors[j].is_floating_point()}.values())
             r = torch.randn(x.shape, generator=probe, dtype=torch.float64).to(x.device)  # outputs are shaped like x
 
-            def value(x_in, p_in):
+            def value(x_in, moved):
                 with torch.no_grad():
-                    return (call_branch(fn, {**p, **p_in}, x_in, k, seed).double() * r).sum().item()
+                    return (_branch.call(plan, i, branch, x_in, moved).double() * r).sum().item()
+
+            def with_slots(new):
+                moved = list(tensors)
+                for (_, j), t in zip(diff, new):
+                    moved[j] = t
+                return moved
 
             with torch.enable_grad():
                 xs = x.detach().requires_grad_()
-                ps = {n: p[n].detach().requires_grad_() for n in diff}
-                out = call_branch(fn, {**p, **ps}, xs, k, seed)
-                g = torch.autograd.grad((out.double() * r).sum(), [xs, *ps.values()], allow_unused=True,
+                ps = [tensors[j].detach().requires_grad_() for _, j in diff]
+                out = _branch.call(plan, i, branch, xs, with_slots(ps))
+                g = torch.autograd.grad((out.double() * r).sum(), [xs, *ps], allow_unused=True,
                                         materialize_grads=True)
-            v = [torch.randn(t.shape, generator=probe, dtype=torch.float64).to(t.device) for t in (xs, *ps.values())]
+            v = [torch.randn(t.shape, generator=probe, dtype=torch.float64).to(t.device) for t in (xs, *ps)]
             predicted = sum((a * u).sum() for a, u in zip(g, v)).item()
-            plus = value(x + eps * v[0], {n: p[n] + eps * u for n, u in zip(diff, v[1:])})
-            minus = value(x - eps * v[0], {n: p[n] - eps * u for n, u in zip(diff, v[1:])})
+            plus = value(x + eps * v[0], with_slots([tensors[j] + eps * u for (_, j), u in zip(diff, v[1:])]))
+            minus = value(x - eps * v[0], with_slots([tensors[j] - eps * u for (_, j), u in zip(diff, v[1:])]))
             measured = (plus - minus) / (2 * eps)
             err = abs(predicted - measured)
             if err > tol * max(abs(measured), 1.0):
-                worst = max(zip(["x", *diff], g, v), key=lambda item: abs((item[1] * item[2]).sum().item()))[0]
+                names = ["x", *(n for n, _ in diff)]
+                worst = max(zip(names, g, v), key=lambda item: abs((item[1] * item[2]).sum().item()))[0]
                 raise AssertionError(
                     f"{where}: block {i} branch {name}: its gradient w.r.t. (input x, params) along a random "
                     f"direction ({predicted:.10g}) differs from float64 finite differences ({measured:.10g}): abs "
                     f"error {err:.3g}, rel error {err / max(abs(measured), 1e-300):.3g} > tolerance {tol:.0e}; "
                     f"largest term from tensor {worst!r} (a wrong custom backward in this branch?).")
-

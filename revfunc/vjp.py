@@ -18,10 +18,10 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-from revfunc import _checks
-from revfunc._function import run_backward, run_forward
+from revfunc import _checks, _walk
+from revfunc._function import run_forward
+from revfunc._plan import make_plan, validate
 from revfunc._types import BlockKwargs, BlockParams, Blocks
-from revfunc.sequence import make_plan, validate
 
 __all__ = ["reversible_vjp"]
 
@@ -39,6 +39,7 @@ def reversible_vjp(
     kwargs: Optional[BlockKwargs] = None,
     generator: Optional[torch.Generator] = None,
     checkpoint_every: Optional[int] = None,
+    deterministic: bool = False,
 ) -> Tuple[Tuple[torch.Tensor, torch.Tensor], Pullback]:
     """Run a reversible stack and return its output with a memory-saving pullback.
 
@@ -61,7 +62,7 @@ def reversible_vjp(
     runs, the global setting does. See docs/benchmarks.md.)
 
     Args:
-        blocks, params, x1, x2, kwargs, generator, checkpoint_every: as in
+        blocks, params, x1, x2, kwargs, generator, checkpoint_every, deterministic: as in
             :func:`revfunc.reversible_sequence`. Random branches replay the forward's
             numbers in the pullback (inside ``torch.compile`` they need ``generator``).
 
@@ -95,9 +96,10 @@ def reversible_vjp(
     where = "revfunc.reversible_vjp"
     validate(where, blocks, params, x1, x2, kwargs, generator)
     _checks.check_positive_int(where, "checkpoint_every", checkpoint_every)
+    _checks.check_bool(where, "deterministic", deterministic)
     # One slot per leaf (no identity dedupe): each name gets its own gradient term.
-    plan, tensors = make_plan(where, blocks, params, kwargs, generator, x1, x2, checkpoint_every, dedupe=False,
-                              replay=True)
+    plan, tensors = make_plan(where, blocks, params, kwargs, generator, x1, x2, checkpoint_every=checkpoint_every,
+                              dedupe=False, replay=True, deterministic=deterministic)
     param_slots = [[b[0] for b in block] for block in plan.binds]  # [(name, slot), ...] per branch
     is_param = {j for block in param_slots for branch in block for _, j in branch}
     needs = [j in is_param and t.is_floating_point() for j, t in enumerate(tensors)]
@@ -109,7 +111,7 @@ def reversible_vjp(
         _checks.check_stream_pair(where, dy1, dy2, ("dy1", "dy2"))
         _checks.check_stream_pair(where, y1, dy1, ("y1", "dy1"))
         with torch.no_grad():
-            dx1, dx2, grads = run_backward(plan, dy1, dy2, [*saved, *tensors], needs)
+            dx1, dx2, grads = _walk.backward(plan, dy1, dy2, [*saved, *tensors], needs)
         return _unflatten_grads(param_slots, tensors, grads), dx1, dx2
 
     return (y1, y2), pullback

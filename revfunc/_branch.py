@@ -1,0 +1,259 @@
+"""The branch call: one branch of one block, run the one way every path runs it.
+
+Forward: :func:`call` (``Watch.NONE``, ``INPUT``, ``ALL`` or ``RNG``) binds the branch's
+parameters and keywords from the flat tensor list, runs it with its child seed
+(:func:`revfunc.random.call_branch`), names the block and branch in a ``TypeError``
+it raises, checks its output's shape and dtype, and, on reversible paths, refuses what
+the backward's recomputation could not replay: in-place writes to its input or to its
+parameters, buffers and keyword tensors (tensor version counters) and, when the call
+was declared deterministic, global RNG use.
+
+Backward: :func:`vjp` recomputes the branch at its rebuilt input under the forward's
+autocast state and train/eval flags (:func:`replay`), rebuilds the other half of the
+block's input from it, and takes the vjp of the cotangent.
+"""
+
+from __future__ import annotations
+
+import enum
+import weakref
+from typing import Dict, List, Optional, Sequence
+
+import torch
+from torch.autograd.graph import _engine_run_backward  # private, but stable from 2.11 to 2.13 (tested)
+
+from revfunc import _checks
+from revfunc._plan import BRANCHES, Bind, Plan, bind, label
+from revfunc.random import call_branch, device_module
+
+
+class Watch(enum.IntEnum):
+    """What a forward branch call checks besides its output."""
+
+    NONE = 0  #: plain paths and compiled code (in-place updates are legal there)
+    INPUT = 1  #: the stream input's version (the rest is checked once around the stack)
+    ALL = 2  #: the input, parameters, buffers and keyword tensors
+    RNG = 3  #: ALL, plus the global RNG (the error path of a deterministic call)
+
+
+def call(plan: Plan, i: int, branch: int, x: torch.Tensor, tensors: Sequence[torch.Tensor],
+         watch: Watch = Watch.NONE) -> torch.Tensor:
+    """Run block ``i``'s ``branch`` (0: f, 1: g) at ``x``; see the module docstring."""
+    fn = plan.blocks[i][branch]
+    params, kwargs = bind(plan.binds[i][branch], tensors)
+    watched = before = rng_before = None
+    if watch >= Watch.ALL:
+        watched = _watched(params, x, kwargs)
+        before = [t._version for _, _, t in watched]
+    elif watch:
+        before = x._version
+    if watch == Watch.RNG:
+        rng_before = rng_states(x.device)
+    try:
+        out = call_branch(fn, params, x, kwargs, plan.seed(i, branch))
+    except TypeError as error:
+        raise _checks.branch_type_error(plan.where, i, BRANCHES[branch], fn, error) from error
+    if watch == Watch.INPUT and x._version != before:
+        raise _checks.mutation_error(plan.where, i, BRANCHES[branch], fn, label("input", "x"))
+    if watched is not None:
+        for (kind, name, t), version in zip(watched, before):
+            if t._version != version:
+                raise _checks.mutation_error(plan.where, i, BRANCHES[branch], fn, label(kind, name))
+    if rng_before is not None and not same_states(rng_before, rng_states(x.device)):
+        raise _checks.rng_error(plan.where, i, BRANCHES[branch])
+    _checks.check_branch_output(plan.where, out, x, i, BRANCHES[branch])
+    return out
+
+
+def _watched(params, x, kwargs):
+    """``(kind, name, tensor)`` whose in-place modification by a branch is an error."""
+    watched = [("input", "x", x)]
+    watched += [("param", name, t) for name, t in params.items() if isinstance(t, torch.Tensor)]
+    watched += [("keyword", name, v) for name, v in kwargs.items() if isinstance(v, torch.Tensor)]
+    return watched
+
+
+def rng_states(device: torch.device) -> List[torch.Tensor]:
+    """The global RNG states a branch on ``device`` can draw from: CPU, and the accelerator's."""
+    states = [torch.get_rng_state()]
+    module = device_module(device)
+    if module is not None:
+        states.append(module.get_rng_state(device.index if device.index is not None else module.current_device()))
+    return states
+
+
+def set_rng_states(device: torch.device, states) -> None:
+    torch.set_rng_state(states[0])
+    module = device_module(device)
+    if module is not None and len(states) > 1:
+        module.set_rng_state(states[1], device.index if device.index is not None else module.current_device())
+
+
+def same_states(a, b) -> bool:
+    return all(torch.equal(s, t) for s, t in zip(a, b))
+
+
+def replay(plan: Plan, i: int, branch: int, params, x, kwargs):
+    """Recompute block ``i``'s ``branch`` under the forward's autocast state (the only
+    autocast scope: the vjp itself runs outside it, as plain autograd's backward does)
+    and, for a module-backed branch, the forward's train/eval flags (``model.eval()``
+    between forward and backward must not change what is recomputed)."""
+    fn, seed, mode = plan.blocks[i][branch], plan.seed(i, branch), plan.mode(i, branch)
+    device_type, dtype, enabled = plan.autocast
+    switched = []
+    if mode is not None:
+        for module, training in zip(*mode):
+            if module.training != training:
+                module.training = training
+                switched.append(module)
+    try:
+        if not enabled and not torch.is_autocast_enabled(device_type):
+            return call_branch(fn, params, x, kwargs, seed)  # already the forward's state
+        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            return call_branch(fn, params, x, kwargs, seed)
+    finally:
+        for module in switched:
+            module.training = not module.training
+
+
+def _diff_slots(b: Bind, tensors: Sequence[torch.Tensor], needs: Sequence[bool]):
+    """The flat slots one branch call differentiates: each tensor once, however many names
+    (or both params and kwargs) refer to it, so tied tensors sum their gradient terms."""
+    slots = dict.fromkeys(j for _, j in b.params + b.diff_kwargs if needs[j] and tensors[j].is_floating_point())
+    return tuple(slots)
+
+
+def _bind_with(b: Bind, tensors: Sequence[torch.Tensor], replaced: Dict[int, torch.Tensor]):
+    """:func:`bind` with the tensors of some slots replaced (the differentiated inputs)."""
+    if not replaced:
+        return bind(b, tensors)
+    return bind(b, [replaced.get(j, t) for j, t in enumerate(tensors)])
+
+
+def vjp(plan: Plan, i: int, branch: int, tensors, needs, x, cotangent, mode: str, partner=None,
+        captures: bool = True):
+    """Recompute block ``i``'s ``branch`` at ``x``, rebuild the stream, take the vjp of ``cotangent``.
+
+    ``mode``: ``"eager"`` (no graph recorded, no functorch level: ``autograd`` engine
+    call), ``"graph"`` (``create_graph=True`` outside transforms: the recomputation is
+    recorded, so the gradients can be differentiated again) or ``"func"`` (a functorch
+    level or ``torch.compile``: ``torch.func.vjp``, which every transform and Dynamo trace).
+
+    Returns ``(rebuilt, grads, x_grad)``: ``rebuilt = partner - fn(x)`` (the other half
+    of the block's input; ``None`` when ``partner`` is ``None``; ``partner`` is a
+    one-item list, emptied here so that the old half is freed), ``grads`` as
+    ``{flat_slot: tensor}`` for the flat tensors (params and kwargs) that need a gradient,
+    and the gradient for ``x``. Gradients are taken per slot, so a tensor bound under
+    several names gets the sum of its terms. The rebuilt half is computed before the
+    vjp, so the branch output is dead (and freed) while the vjp runs. Errors name the
+    block and the branch.
+    """
+    try:
+        b = plan.binds[i][branch]
+        slots = _diff_slots(b, tensors, needs)
+        if mode == "func":
+            return _func_vjp(plan, i, branch, b, tensors, slots, x, cotangent, partner)
+        return _autograd_vjp(plan, i, branch, b, tensors, slots, x, cotangent, partner, mode == "graph", captures)
+    except RuntimeError as error:
+        if str(error).startswith(plan.where):
+            raise
+        raise _checks.recomputation_error(plan.where, i, BRANCHES[branch], error) from error
+
+
+def _func_vjp(plan, i, branch, b, tensors, slots, x, cotangent, partner):
+    def run(diff, inp):
+        params, kwargs = _bind_with(b, tensors, dict(zip(slots, diff)))
+        return replay(plan, i, branch, params, inp, kwargs)
+
+    out, vjp_fn = torch.func.vjp(run, tuple(tensors[j] for j in slots), x)
+    rebuilt = None if partner is None else partner.pop() - out
+    cotangent = cotangent.to(out.dtype)
+    del out
+    g_slots, gx = vjp_fn(cotangent)
+    return rebuilt, dict(zip(slots, g_slots)), gx
+
+
+# Branch functions whose recomputation was checked once for closure-captured tensors
+# that require grad (weakly: the set keeps no function alive).
+_NO_CAPTURES: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def _autograd_vjp(plan, i, branch, b, tensors, slots, x, cotangent, partner, create_graph, captures):
+    """The vjp with the autograd engine (no functorch level active).
+
+    Where possible the parameters are the caller's, as saved: the recomputation's graph
+    reaches them directly (no ``functional_call`` swap when they are a module's live
+    parameters), and the engine returns their gradients without touching ``.grad``. A
+    tensor that does not require grad here (a ``torch.func`` input seen one level down)
+    or that has tensor hooks (which would fire twice) is differentiated through a fresh
+    alias instead. The output is differentiated through its gradient edge, so its
+    memory is released before the vjp runs. A branch that returns its input (or a
+    parameter) itself is differentiated through a view of it. With ``create_graph``
+    the recomputation is recorded on differentiable aliases of the caller's tensors, so
+    the results can be differentiated again (double backward, O(depth) memory).
+    """
+    replaced = {}
+    with torch.enable_grad():
+        for j in slots:
+            t = tensors[j]
+            if create_graph and t.requires_grad:
+                # A differentiable alias: the engine captures the gradient there and never
+                # walks on into the caller's graph (which leads back into this Function).
+                replaced[j] = t.view_as(t)
+            elif not t.requires_grad or getattr(t, "_backward_hooks", None) or t.grad_fn is not None:
+                replaced[j] = t.detach().requires_grad_()
+        xin = x.view_as(x) if create_graph and x.requires_grad else x.detach().requires_grad_()
+        params, kwargs = _bind_with(b, tensors, replaced)
+        out = replay(plan, i, branch, params, xin, kwargs)
+        if out.grad_fn is None and out.requires_grad:  # the input or a parameter itself
+            out = out.view_as(out)
+        inputs = (xin, *(replaced.get(j, tensors[j]) for j in slots))
+        del params, kwargs, replaced
+    fn = plan.blocks[i][branch]
+    if captures and not create_graph and out.grad_fn is not None and not _captures_checked(fn):
+        _check_captures(plan, i, branch, fn, out, inputs)
+    rebuilt = None if partner is None else partner.pop() - (out if create_graph else out.detach())
+    if cotangent.dtype != out.dtype:  # autocast: the branch ran in lower precision
+        cotangent = cotangent.to(out.dtype)
+    if out.grad_fn is None:  # nothing to differentiate (a branch that ignores its inputs)
+        grads = (None,) * len(inputs)
+    elif create_graph:
+        grads = torch.autograd.grad(out, inputs, cotangent, create_graph=True, allow_unused=True)
+    else:
+        root = torch.autograd.graph.get_gradient_edge(out)
+        del out
+        # torch.autograd.grad without its per-call argument normalization (shapes and
+        # dtypes match by construction): no retain/create graph, unused inputs give None.
+        grads = _engine_run_backward((root,), (cotangent,), False, False, inputs, True, False)
+    gx = torch.zeros_like(x) if grads[0] is None else grads[0]
+    return rebuilt, {j: g for j, g in zip(slots, grads[1:]) if g is not None}, gx
+
+
+def _captures_checked(fn) -> bool:
+    try:
+        return fn in _NO_CAPTURES
+    except TypeError:  # not weak-referenceable: checked every time
+        return False
+
+
+def _check_captures(plan, i, branch, fn, out, inputs) -> None:
+    """Refuse a recomputation whose graph reaches a leaf that requires grad but is not one
+    of the branch's inputs (a closure-captured ``nn.Parameter``): its gradient would be
+    silently lost. Checked once per branch function."""
+    known = {id(t) for t in inputs}
+    seen, stack = set(), [out.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            if id(variable) not in known:
+                raise _checks.captured_tensor_error(plan.where, i, BRANCHES[branch], fn, variable)
+            continue
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    try:
+        _NO_CAPTURES.add(fn)
+    except TypeError:  # not weak-referenceable: checked every time
+        pass

@@ -1,0 +1,176 @@
+"""The block walk: the one loop over a plan's blocks, in each direction.
+
+- :func:`forward`: blocks in order, with or without recording (the Function's forward
+  runs it under no grad; ``sequential_sequence``, ``coupling`` and
+  ``nn.SequentialSequence`` run it with autograd recording), optionally keeping each
+  block's input (drift, ``revfunc.testing``) and the ``boundaries`` states.
+- :func:`inverse`: blocks in reverse, rebuilding each block's input from its output.
+- :func:`backward`: blocks in reverse, rebuilding each input and back-propagating
+  through a recomputation of its branches (the memory-saving backward).
+- :func:`checked`: runs a reversible walk with its checks hoisted around it (version
+  counters of the flat tensors and the global RNG once around the stack; the stream
+  input per branch call), naming the offending block and branch on the error path.
+
+Every branch is called through ``revfunc._branch``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, TypeVar
+
+import torch
+
+from revfunc import _checks
+from revfunc._branch import Watch, call, rng_states, same_states, set_rng_states, vjp
+from revfunc._plan import Plan
+
+T = TypeVar("T")
+
+
+def forward(plan: Plan, x1: torch.Tensor, x2: Optional[torch.Tensor], tensors: Sequence[torch.Tensor],
+            watch: Watch = Watch.NONE, inputs: Optional[list] = None):
+    """The stack's forward: ``x1 <- x1 + f_i(x2); x2 <- x2 + g_i(x1)`` for each block
+    (residual plans: ``x1 <- x1 + f_i(x1); x1 <- x1 + g_i(x1)``, ``x2`` is ``None``).
+
+    Returns ``(y1, y2, kept)``: ``kept`` alternates x1, x2 of each ``plan.boundaries``
+    state. ``inputs``: a list to append each block's input ``(x1, x2)`` to. When
+    ``watch`` is set, the first branch sees a copy of the caller's tensor, so a branch
+    that writes its input is caught before it can reach the caller's data.
+    """
+    kept: List[torch.Tensor] = []
+    boundaries = plan.boundaries
+    if watch and not plan.residual:
+        x2 = x2.clone()
+    for i in range(len(plan.blocks)):
+        if inputs is not None:
+            inputs.append((x1, x2))
+        if plan.residual:
+            x1 = x1 + call(plan, i, 0, x1, tensors, watch)
+            x1 = x1 + call(plan, i, 1, x1, tensors, watch)
+            continue
+        x1 = x1 + call(plan, i, 0, x2, tensors, watch)
+        x2 = x2 + call(plan, i, 1, x1, tensors, watch)
+        if i + 1 in boundaries:
+            kept += (x1, x2)
+    return x1, x2, kept
+
+
+def inverse(plan: Plan, y1: torch.Tensor, y2: torch.Tensor, tensors: Sequence[torch.Tensor],
+            watch: Watch = Watch.NONE, exact=None) -> Iterator[Tuple[int, torch.Tensor, torch.Tensor]]:
+    """Yield ``(i, x1, x2)``, block ``i``'s input rebuilt from its output, from the last
+    block down: ``x2 = y2 - g_i(y1); x1 = y1 - f_i(x2)``. ``exact``: ``{j: (x1, x2)}``
+    true states to restart from at ``j`` (``boundaries``), as the backward does.
+    With ``watch``, the last ``g`` sees a copy of the caller's ``y1``."""
+    if watch:
+        y1 = y1.clone()
+    for i in range(len(plan.blocks) - 1, -1, -1):
+        if exact and i + 1 in exact:
+            y1, y2 = exact[i + 1]
+        y2 = y2 - call(plan, i, 1, y1, tensors, watch)
+        y1 = y1 - call(plan, i, 0, y2, tensors, watch)
+        yield i, y1, y2
+
+
+def checked(plan: Plan, tensors: Sequence[torch.Tensor], device: torch.device, run: Callable[[Watch], T]) -> T:
+    """``run(watch)``, a reversible walk, with what the recomputation cannot replay refused.
+
+    The stream input is checked around each branch call (``Watch.INPUT``); the flat
+    tensors' version counters and (``plan.rng_check``) the global RNG once around the
+    whole walk. A failure names the block and branch: the first user of a modified
+    tensor, and for the RNG the branch found by replaying the walk from the saved RNG
+    state with per-branch checks (error path only). Inside ``torch.compile`` and
+    inference mode there are no version counters to read: nothing is checked.
+    """
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
+        return run(Watch.NONE)
+    versions = [t._version for t in tensors]
+    rng_before = rng_states(device) if plan.rng_check else None
+    out = run(Watch.INPUT)
+    for j, (t, version) in enumerate(zip(tensors, versions)):
+        if t._version != version:
+            i, branch, fn, label = plan.first_user(j)
+            raise _checks.mutation_error(plan.where, i, branch, fn, label)
+    if rng_before is not None and not same_states(rng_before, rng_states(device)):
+        set_rng_states(device, rng_before)
+        run(Watch.RNG)  # raises naming the branch
+        raise _checks.rng_error(plan.where, None, None)  # the replay did not repeat the draw: name no branch
+    return out
+
+
+def rebuilt_inputs(plan: Plan, x1, x2, tensors) -> List[Tuple[int, Tuple[torch.Tensor, torch.Tensor],
+                                                                Tuple[torch.Tensor, torch.Tensor]]]:
+    """``[(i, (x1', x2'), (x1, x2))]`` from the last block down: block i's input as the
+    memory-saving backward rebuilds it, and as a plain forward computed it (no grad).
+    At ``plan.boundaries`` states the rebuild restarts from the true stream, as in backward."""
+
+    inputs: list = []
+    with torch.no_grad():
+        # Checked one direction at a time: a stateful branch is refused after the
+        # forward has updated it once, as one plain forward would.
+        y1, y2, _ = checked(plan, tensors, x1.device, lambda watch: forward(plan, x1, x2, tensors, watch,
+                                                                            inputs.clear() or inputs))
+        exact = {j: inputs[j] for j in plan.boundaries}
+        rebuilt = checked(plan, tensors, x1.device, lambda watch: list(inverse(plan, y1, y2, tensors, watch, exact)))
+    return [(i, (r1, r2), inputs[i]) for i, r1, r2 in rebuilt]
+
+
+def backward(plan: Plan, dy1, dy2, saved: List[Optional[torch.Tensor]], needs: Sequence[bool],
+             captures: bool = True):
+    """Walk the blocks in reverse: rebuild inputs, recompute, back-propagate.
+
+    Args:
+        dy1, dy2: cotangents of the final outputs (``None`` counts as zero).
+        saved: ``[y1, y2, *kept, *tensors]`` as saved in ``setup_context``. A list:
+            the walk drops its references to ``y1``/``y2`` (sets them to ``None``), so a
+            caller that holds no other reference frees them after the last block.
+        needs: ``needs_input_grad`` of the flat tensors.
+        captures: refuse a branch whose recomputation reaches a tensor that requires
+            grad but was not passed to it (its gradient would be lost). Off under
+            ``torch.func`` transforms, where closed-over tensors are constants.
+
+    Returns:
+        ``(dx1, dx2, grads)`` with ``grads[j]`` the gradient of flat tensor ``j`` (or None).
+
+    Memory: besides one branch's recomputation, the walk keeps four stream tensors alive
+    (the two halves and their cotangents): each value is released as soon as it is dead.
+    """
+    y1, y2 = saved[0], saved[1]
+    saved[0] = saved[1] = None
+    nk = 2 * len(plan.boundaries)
+    kept = saved[2:2 + nk]
+    tensors = saved[2 + nk:]
+    exact = {j: (kept[2 * m], kept[2 * m + 1]) for m, j in enumerate(plan.boundaries)}
+    dy1 = torch.zeros_like(y1) if dy1 is None else dy1
+    dy2 = torch.zeros_like(y2) if dy2 is None else dy2
+    grads: List[Optional[torch.Tensor]] = [None] * len(tensors)
+    # No graph to record and no functorch level: the autograd engine directly. A graph
+    # to record (create_graph=True): the same, recording. A functorch level or
+    # torch.compile: torch.func.vjp, which every transform and Dynamo can trace.
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+        mode = "func"
+    else:
+        mode = "graph" if torch.is_grad_enabled() else "eager"
+    for i in range(len(plan.blocks) - 1, -1, -1):
+        if i + 1 in exact:
+            y1, y2 = exact[i + 1]
+        # g at y1 rebuilds x2 = y2 - g(y1); y2 is dead once x2 exists.
+        # (The partner goes in a one-item list that the callee empties: no frame keeps it.)
+        box, y2 = (None if i in exact else [y2]), None
+        x2, g_grads, dy1_g = vjp(plan, i, 1, tensors, needs, y1, dy2, mode, box, captures)
+        if i in exact:
+            x2 = exact[i][1]
+        a1 = dy1 + dy1_g
+        dy1 = dy1_g = None
+        # f at x2 rebuilds x1 = y1 - f(x2) (not needed below block 0); y1 is then dead.
+        box, y1 = (None if i == 0 or i in exact else [y1]), None
+        x1, f_grads, dx2_f = vjp(plan, i, 0, tensors, needs, x2, a1, mode, box, captures)
+        dy1, dy2 = a1, dy2 + dx2_f
+        a1 = dx2_f = None
+        if i > 0:
+            y1, y2 = (x1, x2) if i not in exact else (None, None)
+        x1 = x2 = None
+        for block_grads in (g_grads, f_grads):
+            for j, v in block_grads.items():
+                grads[j] = v if grads[j] is None else grads[j] + v
+        g_grads = f_grads = None
+    return dy1, dy2, grads
