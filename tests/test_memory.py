@@ -1,9 +1,10 @@
 """Activation memory stays flat in depth on every gradient path (measured, not assumed).
 
-Each figure is the peak RSS of one gradient step in a fresh process, minus the level
-before it and the returned gradients (``tests/memprobe.py``). Every path is measured
-for revfunc and for the same math in plain autograd, which must grow in the same
-measurement: that is what makes the flatness check able to fail.
+Each figure is the activation peak of one gradient step in a fresh process, measured
+with the benchmark's own code (``tests/memprobe.py``, ``revfunc.bench.measure``). Every
+path is measured for revfunc and for the same math in plain autograd, which must grow in
+the same measurement: that is what makes the flatness check able to fail. The
+``torch.func`` paths are measured with detached and with live parameters (``*_live``).
 """
 
 from __future__ import annotations
@@ -13,32 +14,39 @@ import os
 import pathlib
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 PROBE = pathlib.Path(__file__).with_name("memprobe.py")
-EAGER_PATHS = ("backward", "autograd_grad", "func_grad", "func_grad_live", "grad_and_value", "vjp", "vmap_grad")
+FUNC_PATHS = ("func_grad", "grad_and_value", "vjp", "vmap_grad")
+EAGER_PATHS = ("backward", "autograd_grad", *FUNC_PATHS, *(p + "_live" for p in FUNC_PATHS))
 COMPILED_PATHS = ("compile_step", "compile_model_backward")
 DEPTHS = {**{p: (4, 16) for p in EAGER_PATHS}, **{p: (2, 8) for p in COMPILED_PATHS}}
 CASES = [(p, m, d) for p in EAGER_PATHS + COMPILED_PATHS for m in ("revfunc", "plain") for d in DEPTHS[p]]
-
-
-def _probe(case):
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, str(PROBE), *map(str, case)], env=env, capture_output=True, text=True,
-                         timeout=600)
-    if out.returncode:
-        raise RuntimeError(f"memprobe {case} failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])["activation_bytes"]
+# Training setups on the wide, short case (d=128, 1 x 512 tokens; one block's gradients
+# are about 3 stream tensors): gradients pre-allocated (accumulation), and an optimizer
+# step in a post-accumulate-grad hook that frees each gradient (optimizer in backward).
+TRAINING_PATHS = ("accumulate", "optimizer_in_backward")
+TRAINING_DEPTHS = (8, 32)
+STREAM_BYTES = 1 * 512 * 128 * 4
+CASES += [(p, m, d) for p in TRAINING_PATHS for m in ("revfunc", "checkpoint") for d in TRAINING_DEPTHS]
 
 
 @pytest.fixture(scope="module")
 def measured():
-    # Compiled cases first: they take longest, and two run at a time on 2 cores.
+    """``{(path, method, depth): activation bytes}``, each case in a fresh process: forked,
+    two at a time, from one interpreter that has imported torch and run nothing."""
+    from revfunc.bench.measure import WORKER_ENV
+
+    # Compiled cases first: they take longest.
     order = sorted(CASES, key=lambda c: c[0] not in COMPILED_PATHS)
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        return dict(zip(order, pool.map(_probe, order)))
+    env = {**os.environ, **WORKER_ENV, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, str(PROBE), "--all", *(":".join(map(str, c)) for c in order)], env=env,
+                         capture_output=True, text=True, timeout=1200)
+    if out.returncode:
+        raise RuntimeError(f"memprobe failed:\n{out.stderr[-3000:]}")
+    records = [json.loads(line) for line in out.stdout.strip().splitlines()]
+    return {(r["path"], r["method"], r["depth"]): r["activation_bytes"] for r in records}
 
 
 @pytest.mark.parametrize("path", EAGER_PATHS + COMPILED_PATHS)
@@ -53,11 +61,26 @@ def test_activation_memory_is_flat_in_depth(measured, path):
     assert rev_d <= 0.25 * plain_d, f"revfunc stores more than a quarter of plain autograd on {path}: {mib}"
 
 
+@pytest.mark.parametrize("path", TRAINING_PATHS)
+def test_gradients_leave_block_by_block_so_training_setups_stay_flat(measured, path):
+    """Each block's gradients reach their accumulators right after its backward: with
+    pre-allocated gradients or an optimizer step in backward, no second copy of the
+    gradients builds up, so the peak grows by at most 0.1 stream tensors per block (a
+    whole-stack node would add a full gradient copy, about 3 stream tensors per block)."""
+    shallow, deep = TRAINING_DEPTHS
+    streams = {k: round(v / STREAM_BYTES, 2) for k, v in measured.items() if k[0] == path}
+    growth = (measured[path, "revfunc", deep] - measured[path, "revfunc", shallow]) / STREAM_BYTES
+    assert growth <= 0.1 * (deep - shallow), f"revfunc grew {growth:.1f} stream tensors on {path}: {streams}"
+    assert measured[path, "revfunc", deep] < measured[path, "checkpoint", deep], streams
+    assert measured[path, "checkpoint", deep] > measured[path, "checkpoint", shallow] + (deep - shallow) * STREAM_BYTES
+
+
 def render(results, torch_version: str, date: str, command: str) -> str:
     """The measured table as markdown, with its command, date and torch version."""
     lines = [f"Command: `{command}`; measured {date}, "
-             f"torch {torch_version}. Activation MiB of one gradient step (peak RSS minus the level before "
-             "and the returned gradients), depth shallow → deep.", "",
+             f"torch {torch_version}. Activation MiB of one gradient step (peak RSS above the level before, "
+             "with gradients pre-allocated on `.backward()` and returned gradients subtracted elsewhere; "
+             "`_live`: live parameters), depth shallow → deep.", "",
              "| path | depths | revfunc | plain autograd |", "| --- | --- | --- | --- |"]
     for path in EAGER_PATHS + COMPILED_PATHS:
         s, d = DEPTHS[path]
@@ -66,6 +89,13 @@ def render(results, torch_version: str, date: str, command: str) -> str:
             return " → ".join(f"{results[path, method, k] / 2 ** 20:.1f}" for k in (s, d))
 
         lines.append(f"| {path} | {s} → {d} | {mib('revfunc')} | {mib('plain')} |")
+    lines += ["", "Training setups, d=128, 1 x 512 tokens (one stream tensor = 0.25 MiB), depth "
+              f"{' → '.join(map(str, TRAINING_DEPTHS))}, activation MiB:", "",
+              "| setup | revfunc | checkpoint |", "| --- | --- | --- |"]
+    for path in TRAINING_PATHS:
+        cells = [" → ".join(f"{results[path, m, k] / 2 ** 20:.1f}" for k in TRAINING_DEPTHS)
+                 for m in ("revfunc", "checkpoint")]
+        lines.append(f"| {path} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

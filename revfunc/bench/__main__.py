@@ -1,0 +1,3 @@
+from revfunc.bench.cli import main
+
+main()

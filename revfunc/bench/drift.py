@@ -1,0 +1,69 @@
+"""Reconstruction drift by dtype and depth, and bf16 autocast gradient error: ``--drift``."""
+
+from __future__ import annotations
+
+import os
+
+
+def drift(args) -> dict:
+    """Reconstruction drift by dtype and depth, and bf16 autocast gradient error vs k.
+
+    Drift: max over blocks of :func:`revfunc.reconstruction_error` on the benchmark's
+    blocks with weights and inputs in each dtype. Gradients: relative norm error of all
+    parameter gradients under ``torch.autocast(dtype=bfloat16)`` against plain autograd
+    (``sequential_sequence``) under the same autocast, for ``checkpoint_every`` k.
+    """
+    import torch
+
+    import revfunc
+    from revfunc.testing.blocks import transformer_layers
+
+    dim, batch, seq = args.dim, args.batch, args.seq
+    result = {"drift": [], "autocast": []}
+    print(f"reconstruction drift (max relative error of rebuilt block inputs), d={dim}, {batch}x{seq} tokens")
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        for depth in (1, 8, 64):
+            torch.manual_seed(0)
+            layers = transformer_layers(depth, dim, heads=args.heads).to(device=args.device, dtype=dtype)
+            blocks, params = revfunc.pure_blocks(layers)
+            x = torch.randn(batch, seq, dim, device=args.device, dtype=dtype)
+            errors = revfunc.reconstruction_error(blocks, params, x, x.clone())
+            result["drift"].append({"dtype": str(dtype), "depth": depth, "max_error": max(errors)})
+            print(f"  {str(dtype):15s} depth {depth:3d}  max error {max(errors):.3g}", flush=True)
+
+    torch.manual_seed(0)
+    depth = 8
+    layers = transformer_layers(depth, dim, heads=args.heads).to(args.device)
+    blocks, params = revfunc.pure_blocks(layers)
+    x = torch.randn(batch, seq, dim, device=args.device)
+    flat = [t for pair in params for p in pair for t in p.values()]
+
+    def grads(fn, **options):
+        with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16):
+            y1, y2 = fn(blocks, params, x, x.clone(), **options)
+        return torch.cat([g.flatten() for g in torch.autograd.grad((y1 + y2).float().pow(2).mean(), flat)])
+
+    ref = grads(revfunc.sequential_sequence)
+    print(f"bf16 autocast, depth {depth}: parameter-gradient error vs plain autograd under the same autocast")
+    for k in (None, 4, 2, 1):
+        err = ((grads(revfunc.reversible_sequence, checkpoint_every=k) - ref).norm() / ref.norm()).item()
+        saved = 2 + 2 * len(range(k, depth, k)) if k else 2
+        result["autocast"].append({"checkpoint_every": k, "grad_error": err, "saved_stream_tensors": saved})
+        print(f"  checkpoint_every={str(k):4s}  rel error {err:.3g}  stream tensors saved {saved}", flush=True)
+    if args.classic and os.path.exists(args.classic):  # recomputes outside autocast: same model, same loss
+        import importlib.util
+
+        spec = importlib.util.spec_from_file_location("classic_reversible", args.classic)
+        classic = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(classic)
+        model = classic.ReversibleSequence(layers)
+        with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16):
+            y = model(x.clone().requires_grad_())
+        y.float().pow(2).mean().backward()
+        got = torch.cat([t.grad.flatten() for t in flat])
+        err = ((got - ref).norm() / ref.norm()).item()
+        result["classic_autocast_grad_error"] = err
+        print(f"  classic reversible.py  rel error {err:.3g}", flush=True)
+    return result
+
+
