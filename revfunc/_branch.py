@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import enum
 import weakref
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Sequence
 
 import torch
 from torch.autograd.graph import _engine_run_backward  # private, but stable from 2.11 to 2.13 (tested)
@@ -125,9 +125,13 @@ def _diff_slots(b: Bind, tensors: Sequence[torch.Tensor], needs: Sequence[bool])
 
 def _bind_with(b: Bind, tensors: Sequence[torch.Tensor], replaced: Dict[int, torch.Tensor]):
     """:func:`bind` with the tensors of some slots replaced (the differentiated inputs)."""
-    if not replaced:
-        return bind(b, tensors)
-    return bind(b, [replaced.get(j, t) for j, t in enumerate(tensors)])
+    params, kwargs = bind(b, tensors)
+    if replaced:
+        params = {name: replaced.get(j, params[name]) for name, j in b.params}
+        for name, j in b.diff_kwargs:
+            if j in replaced:
+                kwargs[name] = replaced[j]
+    return params, kwargs
 
 
 def vjp(plan: Plan, i: int, branch: int, tensors, needs, x, cotangent, mode: str, partner=None,

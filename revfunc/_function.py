@@ -1,6 +1,11 @@
-"""The one ``torch.autograd.Function`` behind :func:`revfunc.reversible_sequence`.
+"""The ``torch.autograd.Function`` s behind :func:`revfunc.reversible_sequence`.
 
-This module only defines the Function; it is the only user of ``ctx``. ``forward`` runs
+This module only defines them; it is the only user of ``ctx``. :class:`BlockFunction`
+is one node per block, chained through the rebuilt stream (``revfunc._chain``): eager
+autograd outside ``torch.func`` transforms and ``torch.compile``, so each block's
+gradients reach their accumulators as soon as its backward ends. The sequence Function
+below wraps the whole stack in one node: under transforms, where gradients are returned
+values, and inside ``torch.compile``. ``forward`` runs
 the block walk (``revfunc._walk``) without storing activations, its checks hoisted
 around it; ``setup_context`` saves the final ``(y1, y2)``, the ``boundaries`` states
 kept by ``checkpoint_every`` and the caller's tensors (parameters, keyword tensors)
@@ -26,16 +31,9 @@ from typing import Any, Dict
 
 import torch
 
-from revfunc import _walk
+from revfunc import _branch, _walk
 from revfunc._levels import backward_after_transform, backward_one_level_down, current_grad_interpreter, \
     from_exited_transform
-from revfunc._plan import Plan
-
-
-def run_forward(plan: Plan, x1: torch.Tensor, x2: torch.Tensor, tensors):
-    """The Function's forward: ``(y1, y2, *kept)``, checks hoisted around the walk."""
-    y1, y2, kept = _walk.checked(plan, tensors, x1.device, lambda watch: _walk.forward(plan, x1, x2, tensors, watch))
-    return (y1, y2, *kept)
 
 
 class _ReversibleBase(torch.autograd.Function):
@@ -67,7 +65,7 @@ def _make_function(n_tensors: int) -> type:
     names = [f"t{i}" for i in range(n_tensors)]
     args = "".join(f", {n}" for n in names)
     tup = "(" + "".join(f"{n}, " for n in names) + ")"
-    namespace: Dict[str, Any] = {"run_forward": run_forward}
+    namespace: Dict[str, Any] = {"run_forward": _walk.reversible_forward}
     exec(f"def forward(plan, x1, x2{args}):\n    return run_forward(plan, x1, x2, {tup})\n", namespace)
     return type(
         f"ReversibleSequenceFunction{n_tensors}",
@@ -76,12 +74,16 @@ def _make_function(n_tensors: int) -> type:
     )
 
 
-@torch.compiler.assume_constant_result
 def _function_name(n_tensors: int) -> str:
     name = f"ReversibleSequenceFunction{n_tensors}"
     if name not in globals():
         globals()[name] = _make_function(n_tensors)
     return name
+
+
+# What torch.compiler.assume_constant_result does (on torch 2.11 and 2.13), without
+# importing torch._dynamo when revfunc is imported (about 2 s).
+_function_name._dynamo_marked_constant = True
 
 
 class ReversibleSequenceFunction(_ReversibleBase):
@@ -94,7 +96,7 @@ class ReversibleSequenceFunction(_ReversibleBase):
 
     @staticmethod
     def forward(plan, x1, x2, *tensors):
-        return run_forward(plan, x1, x2, tensors)
+        return _walk.reversible_forward(plan, x1, x2, tensors)
 
 
 def function_for(n_tensors: int) -> type:
@@ -112,3 +114,59 @@ def function_for(n_tensors: int) -> type:
 
 
 _this_module = sys.modules[__name__]
+
+
+class BlockFunction(torch.autograd.Function):
+    """One block of a chain of nodes, one per block (``revfunc._chain``): eager autograd
+    outside transforms, so each block's parameter gradients reach their accumulators
+    (and their hooks: DDP's, FSDP2's, post-accumulate-grad) as soon as its backward ends.
+
+    ``forward(plan, tape, i, watch, x1, x2, *block_tensors)`` runs block ``i`` unrecorded.
+    Nothing between blocks is saved: the last node saves the final ``(y1, y2)``, a node at
+    a ``boundaries`` state its input; every other node's backward takes its output from
+    ``tape``, where the next block's backward left the input it rebuilt. Each node saves
+    its own parameters and keyword tensors with ``ctx.save_for_backward``.
+    """
+
+    @staticmethod
+    def forward(ctx, plan, tape, i, watch, x1, x2, *block_tensors):
+        # ctx-style forward: Function.apply binds a setup_context Function's arguments to
+        # its signature (inspect) on every call, which would cost more than a small block.
+        # This Function never runs under torch.func transforms, which need setup_context.
+        view = dict(zip(tape.positions[i], block_tensors))  # {flat slot: tensor}, what bind reads
+        if i == 0 and watch:
+            x2 = x2.clone()  # f sees a copy: a branch that writes its input cannot reach the caller's
+        y1 = x1 + _branch.call(plan, i, 0, x2, view, watch)
+        y2 = x2 + _branch.call(plan, i, 1, y1, view, watch)
+        ctx.plan, ctx.tape, ctx.index = plan, tape, i
+        ctx.set_materialize_grads(False)
+        extra = ()
+        if i == len(plan.blocks) - 1:
+            extra = (y1, y2)
+        elif i in plan.boundaries:
+            extra = (x1, x2)
+        ctx.save_for_backward(*block_tensors, *extra)
+        return y1, y2
+
+    @staticmethod
+    def backward(ctx, dy1, dy2):
+        plan, tape, i = ctx.plan, ctx.tape, ctx.index
+        saved = ctx.saved_tensors
+        position = tape.positions[i]
+        n = len(position)
+        view = dict(zip(position, saved[:n]))  # {flat slot: tensor}
+        needs = dict(zip(position, ctx.needs_input_grad[6:]))  # after the 6 leading arguments
+        last = i == len(plan.blocks) - 1
+        exact = saved[n:n + 2] if not last and i in plan.boundaries else None
+        y1, y2 = saved[n:n + 2] if last else tape.take(i)
+        rebuild = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]
+        x1, x2, dx1, dx2, grads = _walk.block_backward(plan, i, [y1, y2, dy1, dy2], view, needs, _walk.backward_mode(),
+                                                       exact_input=exact, rebuild=i > 0 and rebuild)
+        if i > 0 and rebuild:
+            tape.put(i - 1, x1, x2)
+        x1 = x2 = None
+        out = [None] * n
+        for j, g in grads.items():
+            out[position[j]] = g
+        return (None, None, None, None, dx1 if ctx.needs_input_grad[4] else None,
+                dx2 if ctx.needs_input_grad[5] else None, *out)

@@ -97,6 +97,13 @@ def checked(plan: Plan, tensors: Sequence[torch.Tensor], device: torch.device, r
     return out
 
 
+def reversible_forward(plan: Plan, x1: torch.Tensor, x2: torch.Tensor, tensors) -> Tuple[torch.Tensor, ...]:
+    """The memory-saving forward (the Function's, and :func:`revfunc.reversible_vjp`'s):
+    ``(y1, y2, *kept)``, nothing recorded, its checks hoisted around the walk."""
+    y1, y2, kept = checked(plan, tensors, x1.device, lambda watch: forward(plan, x1, x2, tensors, watch))
+    return (y1, y2, *kept)
+
+
 def rebuilt_inputs(plan: Plan, x1, x2, tensors) -> List[Tuple[int, Tuple[torch.Tensor, torch.Tensor],
                                                                 Tuple[torch.Tensor, torch.Tensor]]]:
     """``[(i, (x1', x2'), (x1, x2))]`` from the last block down: block i's input as the
@@ -114,9 +121,61 @@ def rebuilt_inputs(plan: Plan, x1, x2, tensors) -> List[Tuple[int, Tuple[torch.T
     return [(i, (r1, r2), inputs[i]) for i, r1, r2 in rebuilt]
 
 
+def backward_mode() -> str:
+    """How a backward step differentiates here: ``"eager"`` (no graph to record, no
+    functorch level: the autograd engine directly), ``"graph"`` (``create_graph=True``:
+    the same, recording) or ``"func"`` (a functorch level or ``torch.compile``:
+    ``torch.func.vjp``, which every transform and Dynamo can trace)."""
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+        return "func"
+    return "graph" if torch.is_grad_enabled() else "eager"
+
+
+def block_backward(plan: Plan, i: int, state: list, tensors, needs, mode: str, captures: bool = True,
+                   exact_input=None, rebuild: bool = True):
+    """One block of the backward walk: from block ``i``'s output and its cotangents, rebuild
+    its input, recompute both branches and back-propagate through them.
+
+    Args:
+        state: ``[y1, y2, dy1, dy2]``, emptied here (so no caller frame keeps a dead
+            tensor alive); ``None`` cotangents count as zero.
+        exact_input: block ``i``'s input ``(x1, x2)`` kept exactly (``boundaries``), or
+            ``None`` to rebuild it.
+        rebuild: whether the input is needed at all (``False`` for block 0).
+
+    Returns:
+        ``(x1, x2, dx1, dx2, grads)``: the input (``None`` when not rebuilt), its
+        cotangents, and ``{flat slot: gradient}`` of the block's tensors.
+
+    Memory: besides one branch's recomputation, four stream tensors are alive (the two
+    halves and their cotangents): each value is released as soon as it is dead.
+    """
+    dy2, dy1, y2, y1 = state.pop(), state.pop(), state.pop(), state.pop()
+    dy1 = torch.zeros_like(y1) if dy1 is None else dy1
+    dy2 = torch.zeros_like(y2) if dy2 is None else dy2
+    # g at y1 rebuilds x2 = y2 - g(y1); y2 is dead once x2 exists.
+    # (The partner goes in a one-item list that the callee empties: no frame keeps it.)
+    box, y2 = (None if exact_input is not None else [y2]), None
+    x2, grads, dy1_g = vjp(plan, i, 1, tensors, needs, y1, dy2, mode, box, captures)
+    if exact_input is not None:
+        x2 = exact_input[1]
+    a1 = dy1 + dy1_g
+    dy1 = dy1_g = None
+    # f at x2 rebuilds x1 = y1 - f(x2) (when needed); y1 is then dead.
+    box, y1 = (None if not rebuild or exact_input is not None else [y1]), None
+    x1, f_grads, dx2_f = vjp(plan, i, 0, tensors, needs, x2, a1, mode, box, captures)
+    if exact_input is not None and rebuild:
+        x1 = exact_input[0]
+    dx2 = dy2 + dx2_f
+    dy2 = dx2_f = None
+    for j, v in f_grads.items():
+        grads[j] = v if j not in grads else grads[j] + v
+    return x1, (x2 if rebuild else None), a1, dx2, grads
+
+
 def backward(plan: Plan, dy1, dy2, saved: List[Optional[torch.Tensor]], needs: Sequence[bool],
              captures: bool = True):
-    """Walk the blocks in reverse: rebuild inputs, recompute, back-propagate.
+    """Walk the blocks in reverse (:func:`block_backward` each), summing the gradients.
 
     Args:
         dy1, dy2: cotangents of the final outputs (``None`` counts as zero).
@@ -130,47 +189,23 @@ def backward(plan: Plan, dy1, dy2, saved: List[Optional[torch.Tensor]], needs: S
 
     Returns:
         ``(dx1, dx2, grads)`` with ``grads[j]`` the gradient of flat tensor ``j`` (or None).
-
-    Memory: besides one branch's recomputation, the walk keeps four stream tensors alive
-    (the two halves and their cotangents): each value is released as soon as it is dead.
     """
-    y1, y2 = saved[0], saved[1]
-    saved[0] = saved[1] = None
+    state = [saved[0], saved[1], dy1, dy2]
+    saved[0] = saved[1] = dy1 = dy2 = None
     nk = 2 * len(plan.boundaries)
     kept = saved[2:2 + nk]
     tensors = saved[2 + nk:]
     exact = {j: (kept[2 * m], kept[2 * m + 1]) for m, j in enumerate(plan.boundaries)}
-    dy1 = torch.zeros_like(y1) if dy1 is None else dy1
-    dy2 = torch.zeros_like(y2) if dy2 is None else dy2
     grads: List[Optional[torch.Tensor]] = [None] * len(tensors)
-    # No graph to record and no functorch level: the autograd engine directly. A graph
-    # to record (create_graph=True): the same, recording. A functorch level or
-    # torch.compile: torch.func.vjp, which every transform and Dynamo can trace.
-    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
-        mode = "func"
-    else:
-        mode = "graph" if torch.is_grad_enabled() else "eager"
+    mode = backward_mode()
     for i in range(len(plan.blocks) - 1, -1, -1):
         if i + 1 in exact:
-            y1, y2 = exact[i + 1]
-        # g at y1 rebuilds x2 = y2 - g(y1); y2 is dead once x2 exists.
-        # (The partner goes in a one-item list that the callee empties: no frame keeps it.)
-        box, y2 = (None if i in exact else [y2]), None
-        x2, g_grads, dy1_g = vjp(plan, i, 1, tensors, needs, y1, dy2, mode, box, captures)
-        if i in exact:
-            x2 = exact[i][1]
-        a1 = dy1 + dy1_g
-        dy1 = dy1_g = None
-        # f at x2 rebuilds x1 = y1 - f(x2) (not needed below block 0); y1 is then dead.
-        box, y1 = (None if i == 0 or i in exact else [y1]), None
-        x1, f_grads, dx2_f = vjp(plan, i, 0, tensors, needs, x2, a1, mode, box, captures)
-        dy1, dy2 = a1, dy2 + dx2_f
-        a1 = dx2_f = None
-        if i > 0:
-            y1, y2 = (x1, x2) if i not in exact else (None, None)
-        x1 = x2 = None
-        for block_grads in (g_grads, f_grads):
-            for j, v in block_grads.items():
-                grads[j] = v if grads[j] is None else grads[j] + v
-        g_grads = f_grads = None
-    return dy1, dy2, grads
+            state[:2] = exact[i + 1]
+        x1, x2, dx1, dx2, block_grads = block_backward(plan, i, state, tensors, needs, mode, captures,
+                                                       exact.get(i), rebuild=i > 0)
+        state += (x1, x2, dx1, dx2)
+        x1 = x2 = dx1 = dx2 = None
+        for j, v in block_grads.items():
+            grads[j] = v if grads[j] is None else grads[j] + v
+        block_grads = None
+    return state[2], state[3], grads

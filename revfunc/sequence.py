@@ -12,9 +12,8 @@ from typing import List, Optional, Tuple, Union
 import warnings
 
 import torch
-from torch._dynamo.comptime import comptime
 
-from revfunc import _checks, _walk
+from revfunc import _chain, _checks, _walk
 from revfunc._function import function_for
 from revfunc._plan import Plan, make_plan, validate
 from revfunc._tolerances import default_tolerances
@@ -122,6 +121,8 @@ def reversible_sequence(
     _checks.check_bool(where, "deterministic", deterministic)
     _check_tolerance_arg(where, check_reconstruction)
     if torch.compiler.is_compiling():
+        from torch._dynamo.comptime import comptime  # imported by torch.compile already
+
         comptime(_warn_if_compiled_under_transform)  # runs once, at trace time
     checking = check_reconstruction is not None and check_reconstruction is not False
     plan, tensors = make_plan(where, blocks, params, kwargs, generator, x1, x2, checkpoint_every=checkpoint_every,
@@ -129,6 +130,9 @@ def reversible_sequence(
                               replay=True if checking else None)
     if checking:
         _check_drift(plan, x1, x2, tensors, check_reconstruction)
+    if not higher_order and torch.is_grad_enabled() and not torch.compiler.is_compiling() \
+            and torch._C._functorch.peek_interpreter_stack() is None:
+        return _chain.apply(plan, x1, x2, tensors)  # eager autograd: gradients leave block by block
     out = function_for(len(tensors)).apply(plan, x1, x2, *tensors)
     return out[0], out[1]
 

@@ -19,7 +19,6 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 
 from revfunc import _checks, _walk
-from revfunc._function import run_forward
 from revfunc._plan import make_plan, validate
 from revfunc._types import BlockKwargs, BlockParams, Blocks
 
@@ -104,7 +103,7 @@ def reversible_vjp(
     is_param = {j for block in param_slots for branch in block for _, j in branch}
     needs = [j in is_param and t.is_floating_point() for j, t in enumerate(tensors)]
     with torch.no_grad():
-        saved = run_forward(plan, x1, x2, tensors)
+        saved = _walk.reversible_forward(plan, x1, x2, tensors)
     y1, y2 = saved[0], saved[1]
 
     def pullback(dy1: torch.Tensor, dy2: torch.Tensor):

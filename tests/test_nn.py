@@ -148,7 +148,7 @@ def test_container_errors_name_the_argument():
         seq(torch.zeros(1, 3, 8), mask=torch.ones(1, 3, dtype=torch.bool))
 
 
-def _ddp_worker(rank, world, init_file, find_unused, out_dir):
+def _ddp_worker(rank, world, init_file, find_unused, out_dir, bucket_view=False):
     import faulthandler
     from datetime import timedelta
 
@@ -161,13 +161,18 @@ def _ddp_worker(rank, world, init_file, find_unused, out_dir):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     model = _ddp_model()
-    ddp = DDP(model, find_unused_parameters=find_unused)
+    ddp = DDP(model, find_unused_parameters=find_unused, gradient_as_bucket_view=bucket_view)
     x, mask = _ddp_batch()
     half = x.shape[0] // world
     sl = slice(rank * half, (rank + 1) * half)
+    names = {p: n for n, p in model.named_parameters()}
+    ready = []  # parameter names in the order their gradients reached .grad
+    for p in names:
+        p.register_post_accumulate_grad_hook(lambda p: ready.append(names[p]))
     ddp(x[sl], mask=mask[sl], generator=torch.Generator().manual_seed(rank)).pow(2).mean().backward()
     if rank == 0:
-        torch.save({n: p.grad for n, p in model.named_parameters()}, os.path.join(out_dir, "grads.pt"))
+        torch.save({"grads": {n: p.grad.clone() for n, p in model.named_parameters()}, "ready": ready},
+                   os.path.join(out_dir, "grads.pt"))
     dist.barrier()
     dist.destroy_process_group()
     # Skip interpreter teardown: gloo's background threads can stall it after the work is done.
@@ -187,20 +192,27 @@ def _ddp_batch():
     return x, mask
 
 
-@pytest.mark.parametrize("find_unused", [True, False])
-def test_ddp_gradients_equal_a_single_process_run_over_the_whole_batch(find_unused):
+@pytest.mark.parametrize("find_unused, bucket_view", [(True, False), (False, False), (False, True)])
+def test_ddp_gradients_equal_a_single_process_run_over_the_whole_batch(find_unused, bucket_view):
     import torch.multiprocessing as mp
 
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.start_processes(_ddp_worker, args=(2, os.path.join(tmp, "init"), find_unused, tmp), nprocs=2,
-                                 join=False, start_method="spawn")
+        ctx = mp.start_processes(_ddp_worker, args=(2, os.path.join(tmp, "init"), find_unused, tmp, bucket_view),
+                                 nprocs=2, join=False, start_method="spawn")
         deadline = time.monotonic() + 90
         while not ctx.join(timeout=2):
             if time.monotonic() > deadline:
                 for process in ctx.processes:
                     process.kill()
                 pytest.fail("DDP workers did not finish within 90 s")
-        got = torch.load(os.path.join(tmp, "grads.pt"))
+        saved = torch.load(os.path.join(tmp, "grads.pt"))
+    got, ready = saved["grads"], saved["ready"]
+    # Each gradient reached .grad once, block 1's (backward runs it first) before block 0's:
+    # DDP's buckets fill while the backward walks on.
+    assert sorted(ready) == sorted(got)
+    last_of_block_1 = max(k for k, n in enumerate(ready) if n.startswith("blocks.1."))
+    first_of_block_0 = min(k for k, n in enumerate(ready) if n.startswith("blocks.0."))
+    assert last_of_block_1 < first_of_block_0, ready
     model = _ddp_model()
     x, mask = _ddp_batch()
     loss = sum(model(x[r * 2:(r + 1) * 2], mask=mask[r * 2:(r + 1) * 2], generator=torch.Generator().manual_seed(r))

@@ -7,9 +7,16 @@ Strategies draw small integers (dims, depth, seeds); tensors come from a seeded
     from hypothesis import given
     from revfunc.testing import assert_invertible, strategies as rst
 
+    @rst.torch_settings
     @given(rst.stacks())
     def test_my_blocks(stack):
         assert_invertible(stack.blocks, stack.params, stack.x1, stack.x2, kwargs=stack.kwargs)
+
+:data:`torch_settings` turns off hypothesis's per-example deadline (200 ms by default):
+the first call of a torch op in a process, a finite-difference check over a deep stack
+or a busy CI machine take single examples past any fixed deadline (measured: most
+examples of ``stacks(max_depth=4)`` take about 40 ms, the first up to 1.2 s), which
+hypothesis would report as a flaky failure.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 from typing import Callable, NamedTuple, Optional, Sequence, Tuple
 
 try:
+    from hypothesis import HealthCheck, settings
     from hypothesis import strategies as st
 except ImportError as error:  # pragma: no cover - exercised only without hypothesis
     raise ImportError(
@@ -38,6 +46,7 @@ __all__ = [
     "attention_blocks",
     "routed_kwargs",
     "stacks",
+    "torch_settings",
 ]
 
 
@@ -49,6 +58,12 @@ class Stack(NamedTuple):
     x1: torch.Tensor
     x2: torch.Tensor
     kwargs: Optional[list]
+
+
+#: Settings for property tests of torch code (apply as a decorator above ``@given``): no
+#: deadline and no ``too_slow``/``data_too_large`` health checks; every other setting
+#: (``max_examples``, ...) comes from the active profile.
+torch_settings = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 
 def shapes(min_dims: int = 1, max_dims: int = 3, max_side: int = 5) -> st.SearchStrategy[Tuple[int, ...]]:
