@@ -15,6 +15,7 @@ block's input from it, and takes the vjp of the cotangent.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import weakref
 from typing import Dict, List, Sequence
@@ -37,8 +38,10 @@ class Watch(enum.IntEnum):
 
 
 def call(plan: Plan, i: int, branch: int, x: torch.Tensor, tensors: Sequence[torch.Tensor],
-         watch: Watch = Watch.NONE) -> torch.Tensor:
-    """Run block ``i``'s ``branch`` (0: f, 1: g) at ``x``; see the module docstring."""
+         watch: Watch = Watch.NONE, saving: bool = False) -> torch.Tensor:
+    """Run block ``i``'s ``branch`` (0: f, 1: g) at ``x``; see the module docstring.
+    ``saving``: the memory-saving forward, which runs the branch in the plan's
+    selective-saving forward context (``context_fn``), if any."""
     fn = plan.blocks[i][branch]
     params, kwargs = bind(plan.binds[i][branch], tensors)
     watched = before = rng_before = None
@@ -50,7 +53,11 @@ def call(plan: Plan, i: int, branch: int, x: torch.Tensor, tensors: Sequence[tor
     if watch == Watch.RNG:
         rng_before = rng_states(x.device)
     try:
-        out = call_branch(fn, params, x, kwargs, plan.seed(i, branch))
+        if saving and plan.contexts is not None:
+            with plan.contexts.forward_context(i, branch):
+                out = call_branch(fn, params, x, kwargs, plan.seed(i, branch))
+        else:
+            out = call_branch(fn, params, x, kwargs, plan.seed(i, branch))
     except TypeError as error:
         raise _checks.branch_type_error(plan.where, i, BRANCHES[branch], fn, error) from error
     if watch == Watch.INPUT and x._version != before:
@@ -97,9 +104,11 @@ def replay(plan: Plan, i: int, branch: int, params, x, kwargs):
     """Recompute block ``i``'s ``branch`` under the forward's autocast state (the only
     autocast scope: the vjp itself runs outside it, as plain autograd's backward does)
     and, for a module-backed branch, the forward's train/eval flags (``model.eval()``
-    between forward and backward must not change what is recomputed)."""
+    between forward and backward must not change what is recomputed), inside the
+    recomputation context of ``context_fn`` when the forward saved op outputs."""
     fn, seed, mode = plan.blocks[i][branch], plan.seed(i, branch), plan.mode(i, branch)
     device_type, dtype, enabled = plan.autocast
+    cached = None if plan.contexts is None else plan.contexts.take(i, branch)
     switched = []
     if mode is not None:
         for module, training in zip(*mode):
@@ -107,10 +116,11 @@ def replay(plan: Plan, i: int, branch: int, params, x, kwargs):
                 module.training = training
                 switched.append(module)
     try:
-        if not enabled and not torch.is_autocast_enabled(device_type):
-            return call_branch(fn, params, x, kwargs, seed)  # already the forward's state
-        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-            return call_branch(fn, params, x, kwargs, seed)
+        with contextlib.nullcontext() if cached is None else cached:  # the forward's saved op outputs
+            if not enabled and not torch.is_autocast_enabled(device_type):
+                return call_branch(fn, params, x, kwargs, seed)  # already the forward's state
+            with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+                return call_branch(fn, params, x, kwargs, seed)
     finally:
         for module in switched:
             module.training = not module.training
@@ -161,7 +171,7 @@ def vjp(plan: Plan, i: int, branch: int, tensors, needs, x, cotangent, mode: str
     except RuntimeError as error:
         if str(error).startswith(plan.where):
             raise
-        raise _checks.recomputation_error(plan.where, i, BRANCHES[branch], error) from error
+        raise _checks.recomputation_error(plan.where, i, BRANCHES[branch], error, plan.contexts is not None) from error
 
 
 def _func_vjp(plan, i, branch, b, tensors, slots, x, cotangent, partner):

@@ -171,8 +171,11 @@ def rng_error(where: str, index: Optional[int], branch: Optional[str]) -> Runtim
         "generator=torch.Generator() (to forward, or to reversible_sequence), or deterministic=False.")
 
 
-def recomputation_error(where: str, index: int, branch: str, error: Exception) -> RuntimeError:
-    return RuntimeError(f"{where}: {branch_name(index, branch)} failed in the backward recomputation: {error}")
+def recomputation_error(where: str, index: int, branch: str, error: Exception, selective: bool = False) -> RuntimeError:
+    hint = (" (With context_fn, the recomputation must run the same ops as the forward did: a branch whose op "
+            "sequence depends on state that changed between forward and backward cannot use selective saving.)"
+            if selective else "")
+    return RuntimeError(f"{where}: {branch_name(index, branch)} failed in the backward recomputation: {error}{hint}")
 
 
 def captured_tensor_error(where: str, index: int, branch: str, fn: Any, tensor: torch.Tensor) -> RuntimeError:

@@ -136,8 +136,8 @@ class BlockFunction(torch.autograd.Function):
         view = dict(zip(tape.positions[i], block_tensors))  # {flat slot: tensor}, what bind reads
         if i == 0 and watch:
             x2 = x2.clone()  # f sees a copy: a branch that writes its input cannot reach the caller's
-        y1 = x1 + _branch.call(plan, i, 0, x2, view, watch)
-        y2 = x2 + _branch.call(plan, i, 1, y1, view, watch)
+        y1 = x1 + _branch.call(plan, i, 0, x2, view, watch, saving=True)
+        y2 = x2 + _branch.call(plan, i, 1, y1, view, watch, saving=True)
         ctx.plan, ctx.tape, ctx.index = plan, tape, i
         ctx.set_materialize_grads(False)
         extra = ()

@@ -20,6 +20,7 @@ import torch
 
 from revfunc import _checks
 from revfunc.random import derive_seed, draw_base_seed
+from revfunc.selective import SavedContexts
 
 _NO_KWARGS = ({}, {})
 BRANCHES = ("f", "g")
@@ -53,6 +54,8 @@ class Plan:
             RNG is an error.
         residual: single-stream residual blocks (``x = x + f(x); x = x + g(x)``, the
             classic ``SequentialSequence``) instead of the two-stream coupling.
+        contexts: ``context_fn``'s selective-saving contexts of this call
+            (:class:`revfunc.selective.SavedContexts`), or ``None``.
     """
 
     where: str
@@ -65,6 +68,7 @@ class Plan:
     higher_order: bool = False
     rng_check: bool = False
     residual: bool = False
+    contexts: Any = None
 
     def seed(self, index: int, branch: int) -> Optional[int]:
         return None if self.seeds is None else self.seeds[index][branch]
@@ -221,7 +225,7 @@ def _warn_hooks(where: str, index: int, branch: str, fn) -> None:
 
 def make_plan(where, blocks, params, kwargs, generator, x1, x2=None, *, checkpoint_every=None,
               reverse_mode_only=False, higher_order=False, dedupe=True, replay=None, deterministic=False,
-              recomputes=True, residual=False) -> Tuple[Plan, List[torch.Tensor]]:
+              recomputes=True, residual=False, context_fn=None) -> Tuple[Plan, List[torch.Tensor]]:
     """Flatten the call's tensors and fix its seeds and autocast state in a :class:`Plan`.
 
     ``replay``: whether the call's random numbers must be replayable (``None``: when
@@ -229,7 +233,8 @@ def make_plan(where, blocks, params, kwargs, generator, x1, x2=None, *, checkpoi
     generator, a seed is drawn from the global RNG only then, and not when
     ``deterministic`` (where the forward instead checks that no branch uses the RNG).
     ``recomputes``: a backward will re-run the branches (reversible paths), so forward
-    hooks on branch modules are warned about.
+    hooks on branch modules are warned about. ``context_fn``: selective saving (see
+    :mod:`revfunc.selective`), used when a backward can follow.
     """
     tensors, binds = flatten(blocks, params, kwargs, dedupe)
     stream = (x1,) if x2 is None else (x1, x2)
@@ -252,5 +257,6 @@ def make_plan(where, blocks, params, kwargs, generator, x1, x2=None, *, checkpoi
         higher_order=higher_order,
         rng_check=generator is None and deterministic and replay and not under_compile(),
         residual=residual,
+        contexts=SavedContexts(context_fn) if context_fn is not None and replay else None,
     )
     return plan, tensors

@@ -28,7 +28,7 @@ T = TypeVar("T")
 
 
 def forward(plan: Plan, x1: torch.Tensor, x2: Optional[torch.Tensor], tensors: Sequence[torch.Tensor],
-            watch: Watch = Watch.NONE, inputs: Optional[list] = None):
+            watch: Watch = Watch.NONE, inputs: Optional[list] = None, saving: bool = False):
     """The stack's forward: ``x1 <- x1 + f_i(x2); x2 <- x2 + g_i(x1)`` for each block
     (residual plans: ``x1 <- x1 + f_i(x1); x1 <- x1 + g_i(x1)``, ``x2`` is ``None``).
 
@@ -48,8 +48,8 @@ def forward(plan: Plan, x1: torch.Tensor, x2: Optional[torch.Tensor], tensors: S
             x1 = x1 + call(plan, i, 0, x1, tensors, watch)
             x1 = x1 + call(plan, i, 1, x1, tensors, watch)
             continue
-        x1 = x1 + call(plan, i, 0, x2, tensors, watch)
-        x2 = x2 + call(plan, i, 1, x1, tensors, watch)
+        x1 = x1 + call(plan, i, 0, x2, tensors, watch, saving)
+        x2 = x2 + call(plan, i, 1, x1, tensors, watch, saving)
         if i + 1 in boundaries:
             kept += (x1, x2)
     return x1, x2, kept
@@ -100,7 +100,8 @@ def checked(plan: Plan, tensors: Sequence[torch.Tensor], device: torch.device, r
 def reversible_forward(plan: Plan, x1: torch.Tensor, x2: torch.Tensor, tensors) -> Tuple[torch.Tensor, ...]:
     """The memory-saving forward (the Function's, and :func:`revfunc.reversible_vjp`'s):
     ``(y1, y2, *kept)``, nothing recorded, its checks hoisted around the walk."""
-    y1, y2, kept = checked(plan, tensors, x1.device, lambda watch: forward(plan, x1, x2, tensors, watch))
+    y1, y2, kept = checked(plan, tensors, x1.device, lambda watch: forward(plan, x1, x2, tensors, watch,
+                                                                            saving=True))
     return (y1, y2, *kept)
 
 

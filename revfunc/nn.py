@@ -223,6 +223,8 @@ class ReversibleSequence(nn.Module):
         blocks: ``nn.ModuleList`` of ``(f, g)`` module pairs; each maps ``(*, d)`` to ``(*, d)``.
         args_route: ``{name: ((to_f, to_g),) * depth}`` routing call keywords to branches.
         layer_dropout: probability of dropping each block in training (never all).
+        context_fn: selective saving (see :func:`revfunc.reversible_sequence`), e.g.
+            ``revfunc.selective.save_attention`` to keep each block's attention output.
 
     ``forward(x, generator=None, **kwargs)`` runs the stack on ``(x, x)`` (the classic
     ``cat([x, x], -1)``) and returns ``y1 + y2``. ``generator`` drives layer dropout and
@@ -238,9 +240,13 @@ class ReversibleSequence(nn.Module):
     """
 
     def __init__(self, blocks: Sequence[Any], args_route: Optional[Mapping[str, Any]] = None,
-                 layer_dropout: float = 0.0):
+                 layer_dropout: float = 0.0, context_fn: Optional[Any] = None):
         super().__init__()
         where = "revfunc.nn.ReversibleSequence"
+        if context_fn is not None and not callable(context_fn):
+            raise TypeError(_checks.msg(where, "context_fn", "None or a callable returning two context managers "
+                                        "(e.g. revfunc.selective.save_attention)", _checks.describe(context_fn)))
+        self.context_fn = context_fn
         pairs = _check_layers(where, blocks)
         self.args_route = dict(args_route or {})
         check_router(where, self.args_route, len(pairs))
@@ -266,7 +272,8 @@ class ReversibleSequence(nn.Module):
         # Both halves start as x (the classic cat([x, x], -1)); a view keeps the two
         # Function inputs distinct tensors, which Dynamo requires.
         y1, y2 = reversible_sequence(list(fns), list(params), x, x.view_as(x), kwargs=[routed[i] for i in keep],
-                                     generator=generator, deterministic=deterministic)
+                                     generator=generator, deterministic=deterministic,
+                                     context_fn=self.__dict__.get("context_fn"))  # absent on pickles before it
         return y1 + y2
 
 

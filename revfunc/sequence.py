@@ -7,7 +7,7 @@ A stack applies blocks ``(f_i, g_i)``, ``i = 0..L-1``, in order:
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple, Union
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 import warnings
 
@@ -43,6 +43,7 @@ def reversible_sequence(
     check_reconstruction: Union[None, bool, float] = None,
     higher_order: bool = False,
     deterministic: bool = False,
+    context_fn: Optional[Callable[[], Tuple[Any, Any]]] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Apply a stack of additive coupling blocks with activation memory constant in depth.
 
@@ -83,6 +84,13 @@ def reversible_sequence(
             no seed is drawn and no RNG state is forked. The forward checks the global
             RNG around each branch and raises if one did draw (never a silent wrong
             gradient). ``revfunc.nn.ReversibleSequence`` sets it in eval mode.
+        context_fn: selective saving, as in ``torch.utils.checkpoint``: a callable
+            returning two context managers (``create_selective_checkpoint_contexts``);
+            each branch's forward runs in the first, its rebuild and recomputation in
+            the second, so the ops its policy saves are not re-run in backward (their
+            outputs are kept per block until the backward passes it). E.g.
+            :data:`revfunc.selective.save_attention`. With ``loss.backward()`` /
+            ``torch.autograd.grad``; not under ``torch.func`` transforms or ``torch.compile``.
 
     Memory: activations are O(1) in depth for ``loss.backward()``, ``torch.autograd.grad``,
     ``torch.func.grad``/``grad_and_value``/``vjp``, ``vmap(grad)`` and ``torch.compile`` of
@@ -120,6 +128,7 @@ def reversible_sequence(
     _checks.check_bool(where, "higher_order", higher_order)
     _checks.check_bool(where, "deterministic", deterministic)
     _check_tolerance_arg(where, check_reconstruction)
+    check_context_fn(where, context_fn)
     if torch.compiler.is_compiling():
         from torch._dynamo.comptime import comptime  # imported by torch.compile already
 
@@ -127,7 +136,7 @@ def reversible_sequence(
     checking = check_reconstruction is not None and check_reconstruction is not False
     plan, tensors = make_plan(where, blocks, params, kwargs, generator, x1, x2, checkpoint_every=checkpoint_every,
                               reverse_mode_only=True, higher_order=higher_order, deterministic=deterministic,
-                              replay=True if checking else None)
+                              replay=True if checking else None, context_fn=context_fn)
     if checking:
         _check_drift(plan, x1, x2, tensors, check_reconstruction)
     if not higher_order and torch.is_grad_enabled() and not torch.compiler.is_compiling() \
@@ -135,6 +144,21 @@ def reversible_sequence(
         return _chain.apply(plan, x1, x2, tensors)  # eager autograd: gradients leave block by block
     out = function_for(len(tensors)).apply(plan, x1, x2, *tensors)
     return out[0], out[1]
+
+
+def check_context_fn(where: str, context_fn) -> None:
+    """``context_fn``: ``None`` or a callable, used eagerly outside ``torch.func`` transforms."""
+    if context_fn is None:
+        return
+    if not callable(context_fn):
+        raise TypeError(_checks.msg(where, "context_fn", "None or a callable returning two context managers "
+                                    "(e.g. revfunc.selective.save_attention)", _checks.describe(context_fn)))
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
+        raise RuntimeError(
+            f"{where}: context_fn (selective saving) is unsupported under torch.func transforms and inside "
+            "torch.compile: its dispatch-mode contexts would cache tensors of the transform's or the tracer's "
+            "level. Use it with loss.backward() or torch.autograd.grad (or revfunc.reversible_vjp, eagerly); "
+            "without it every path keeps activation memory constant in depth.")
 
 
 def _warn_if_compiled_under_transform(_ctx=None) -> None:

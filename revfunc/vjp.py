@@ -14,13 +14,14 @@ Dims: ``*`` any leading dims, ``d`` the width of one half of the stream.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from revfunc import _checks, _walk
 from revfunc._plan import make_plan, validate
 from revfunc._types import BlockKwargs, BlockParams, Blocks
+from revfunc.sequence import check_context_fn
 
 __all__ = ["reversible_vjp"]
 
@@ -39,6 +40,7 @@ def reversible_vjp(
     generator: Optional[torch.Generator] = None,
     checkpoint_every: Optional[int] = None,
     deterministic: bool = False,
+    context_fn: Optional[Callable[[], Tuple[Any, Any]]] = None,
 ) -> Tuple[Tuple[torch.Tensor, torch.Tensor], Pullback]:
     """Run a reversible stack and return its output with a memory-saving pullback.
 
@@ -61,8 +63,9 @@ def reversible_vjp(
     runs, the global setting does. See docs/benchmarks.md.)
 
     Args:
-        blocks, params, x1, x2, kwargs, generator, checkpoint_every, deterministic: as in
-            :func:`revfunc.reversible_sequence`. Random branches replay the forward's
+        blocks, params, x1, x2, kwargs, generator, checkpoint_every, deterministic, context_fn:
+            as in :func:`revfunc.reversible_sequence` (``context_fn`` eagerly only: a
+            cached op output is used once, by the first pullback call). Random branches replay the forward's
             numbers in the pullback (inside ``torch.compile`` they need ``generator``).
 
     Returns:
@@ -96,9 +99,10 @@ def reversible_vjp(
     validate(where, blocks, params, x1, x2, kwargs, generator)
     _checks.check_positive_int(where, "checkpoint_every", checkpoint_every)
     _checks.check_bool(where, "deterministic", deterministic)
+    check_context_fn(where, context_fn)
     # One slot per leaf (no identity dedupe): each name gets its own gradient term.
     plan, tensors = make_plan(where, blocks, params, kwargs, generator, x1, x2, checkpoint_every=checkpoint_every,
-                              dedupe=False, replay=True, deterministic=deterministic)
+                              dedupe=False, replay=True, deterministic=deterministic, context_fn=context_fn)
     param_slots = [[b[0] for b in block] for block in plan.binds]  # [(name, slot), ...] per branch
     is_param = {j for block in param_slots for branch in block for _, j in branch}
     needs = [j in is_param and t.is_floating_point() for j, t in enumerate(tensors)]

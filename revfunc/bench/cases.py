@@ -13,6 +13,9 @@ import contextlib
 from typing import Callable, List, Optional
 
 MODULE_METHODS = ("plain", "checkpoint", "classic", "revfunc")
+# Selective saving: the attention kernels' outputs kept per block (revfunc.selective.save_attention),
+# in revfunc's walk and as torch.utils.checkpoint's context_fn.
+SELECTIVE_METHODS = ("checkpoint+attn", "revfunc+attn")
 FUNCTIONAL_METHODS = ("plain/func.grad", "revfunc/func.grad")
 COMPILED_STEPS = ("plain/func.grad+compile", "revfunc/vjp+compile")
 FLOORS = ("floor/f", "floor/g")  # one branch's recomputation and vjp alone (memory only)
@@ -109,16 +112,16 @@ def build(args, method: str, depth: int, seq: Optional[int] = None) -> Case:
         return _floor_case(args, method, layers, x.detach())
     if "/" in method:
         return Case(_functional_step(args, method, layers, x.detach()), params)
-    base, compiled = method.partition("+")[::2]
-    model = _module(args, base, layers)
-    forward = torch.compile(model) if compiled else model
+    base, variant = method.partition("+")[::2]
+    model = _module(args, base, layers, saving=variant == "attn")
+    forward = torch.compile(model) if variant == "compile" else model
 
     def run():
         with autocast(args):
             y = forward(x)
         y.float().pow(2).mean().backward()
 
-    return Case(run, params, None if compiled else model, x)
+    return Case(run, params, None if variant == "compile" else model, x)
 
 
 def _floor_case(args, method: str, layers, x) -> Case:
@@ -169,14 +172,18 @@ def _functional_step(args, method: str, layers, x):
     return lambda: torch.utils._pytree.tree_leaves(compiled(params)[0])
 
 
-def _module(args, method: str, layers):
+def _module(args, method: str, layers, saving: bool = False):
+    """The module of a module method; ``saving``: keep the attention kernels' outputs."""
     from torch import nn
     from torch.utils.checkpoint import checkpoint
 
+    from revfunc.selective import save_attention
+
+    context_fn = save_attention if saving else None
     if method == "revfunc":
         from revfunc.nn import ReversibleSequence
 
-        return ReversibleSequence(layers)
+        return ReversibleSequence(layers, context_fn=context_fn)
     if method == "classic":
         import importlib.util
 
@@ -197,7 +204,9 @@ def _module(args, method: str, layers):
         def forward(self, x):
             x1, x2 = x, x
             for f, g in self.layers:
-                if method == "checkpoint":
+                if method == "checkpoint" and saving:
+                    x1, x2 = checkpoint(couple, x1, x2, f, g, use_reentrant=False, context_fn=context_fn)
+                elif method == "checkpoint":
                     x1, x2 = checkpoint(couple, x1, x2, f, g, use_reentrant=False)
                 else:
                     x1, x2 = couple(x1, x2, f, g)

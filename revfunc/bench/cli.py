@@ -44,7 +44,7 @@ import pathlib
 import sys
 import time
 
-from revfunc.bench.cases import COMPILED_STEPS, FUNCTIONAL_METHODS, MODULE_METHODS
+from revfunc.bench.cases import COMPILED_STEPS, FUNCTIONAL_METHODS, MODULE_METHODS, SELECTIVE_METHODS
 from revfunc.bench.drift import drift
 from revfunc.bench.measure import peak_memory, timings, worker
 from revfunc.bench.report import _machine, plot, render_drift_markdown, render_headline, render_markdown, report
@@ -52,7 +52,7 @@ from revfunc.bench.report import _machine, plot, render_drift_markdown, render_h
 DEFAULT_CLASSIC = pathlib.Path(__file__).resolve().parents[3] / "shared" / "reference" / "reversible.py"
 PRESETS = {
     "long": dict(depths=[8, 16, 32], dim=64, heads=4, seq=2048, batch=1, causal=True, repeats=4, warmup=1,
-                 seqs=[512, 1024], sweep_depth=8, functional=False, threads=0, memory=True),
+                 seqs=[512, 1024], sweep_depth=8, functional=False, threads=0, memory=True, selective=True),
     "short": dict(depths=[4, 8, 16, 32], dim=128, heads=4, seq=64, batch=4, causal=False, repeats=7, warmup=2,
                   seqs=[], sweep_depth=8, functional=True, threads=0, memory=True),
     "wide": dict(depths=[8, 16, 32], dim=128, heads=4, seq=512, batch=1, causal=True, repeats=3, warmup=1,
@@ -84,6 +84,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--functional", action=argparse.BooleanOptionalAction, default=None,
                         help="also the torch.func.grad paths")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory workers")
+    parser.add_argument("--selective", action=argparse.BooleanOptionalAction, default=None,
+                        help="also revfunc+attn and checkpoint+attn: attention outputs kept per block")
     parser.add_argument("--compile", action="store_true",
                         help="also every method as torch.compile(model) plus eager backward")
     parser.add_argument("--out", default="bench_out", help="folder for bench.json, bench.md and bench.png")
@@ -100,7 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def methods(args) -> list:
-    names = list(MODULE_METHODS) + (list(FUNCTIONAL_METHODS) if args.functional else [])
+    names = list(MODULE_METHODS) + (list(SELECTIVE_METHODS) if args.selective else []) + \
+        (list(FUNCTIONAL_METHODS) if args.functional else [])
     if args.compile:
         names += [m + "+compile" for m in MODULE_METHODS] + (list(COMPILED_STEPS) if args.functional else [])
     has_classic = bool(args.classic) and os.path.exists(args.classic)

@@ -252,11 +252,28 @@ def plot(result: dict, path: pathlib.Path) -> bool:
     names = list(dict.fromkeys(r["method"] for r in rows))
     panels = [("depth", rows, "time_ratio", "fwd+bwd time / plain")]
     if any(r["peak_bytes"] is not None for r in rows):
-        panels += [("depth", rows, "peak_bytes", "total peak MiB"), ("depth", rows, "activation_bytes",
-                                                                       "activation peak MiB (total - grads)")]
+        panels += [("depth", rows, "peak_bytes", "peak MiB (gradients + activation)"),
+                   ("depth", rows, "activation_bytes", "activation peak MiB")]
     if sweep:
         panels.append(("seq", sweep, "activation_bytes", f"activation peak MiB at depth {sweep[0]['depth']}"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    tradeoff = any(r["activation_bytes"] is not None for r in rows)
+    fig, axes = plt.subplots(1, len(panels) + tradeoff, figsize=(5 * (len(panels) + tradeoff), 4), squeeze=False)
+    if tradeoff:  # time against activation: one point per method and depth, and the one-branch floor
+        ax = axes[0][-1]
+        for name in names:
+            pts = [(r["activation_bytes"] * 2**-20, r["time_ratio"], r["depth"]) for r in rows
+                   if r["method"] == name and r["activation_bytes"] is not None]
+            ax.plot([a for a, _, _ in pts], [t for _, t, _ in pts], marker="o", linestyle=":", label=name)
+            for a, t, d in pts:
+                ax.annotate(str(d), (a, t), fontsize=6, xytext=(2, 2), textcoords="offset points")
+        floor = max((f["activation_bytes"] for f in (result.get("floor") or {}).values()), default=None)
+        if floor:
+            ax.axvline(floor * 2**-20, color="k", linestyle="--", label="one-branch floor")
+        ax.set_xscale("log")
+        ax.set_xlabel("activation peak MiB (points: depths)")
+        ax.set_ylabel("fwd+bwd time / plain")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     for ax, (xkey, data, key, label) in zip(axes[0], panels):
         scale = 1.0 if key == "time_ratio" else 2**-20
         positive = True
