@@ -11,7 +11,7 @@ from revfunc import bench
 
 def test_bench_writes_json_and_plot_with_every_method(tmp_path):
     result = bench.main(["--depths", "2", "4", "--dim", "16", "--seq", "32", "--batch", "2", "--heads", "2",
-                         "--seqs", "16", "--sweep-depth", "2", "--functional", "--repeats", "1",
+                         "--seqs", "16", "--sweep-depth", "2", "--functional", "--no-selective", "--repeats", "1",
                          "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["rows"] == result["rows"] and saved["sweep"] == result["sweep"]
@@ -88,9 +88,11 @@ def test_drift_report_covers_dtypes_depths_and_checkpoint_every(tmp_path):
 def test_the_long_preset_activations_are_at_least_the_one_branch_floor():
     """No reversible backward holds less than one branch's own recomputation and vjp: a
     figure below the floor is a measuring error. Measured on the long preset's blocks
-    (d=64, causal SDPA) at 512 tokens, depths 2 and 4, every method."""
-    result = bench.main(["--depths", "2", "4", "--seq", "512", "--seqs", "--repeats", "1", "--warmup", "0",
+    (d=64, causal SDPA) at 512 tokens, depth 4, every method of the preset (selective
+    saving included)."""
+    result = bench.main(["--depths", "4", "--seq", "512", "--seqs", "--repeats", "1", "--warmup", "0",
                          "--out", str(pathlib.Path(tempfile.mkdtemp()))])
+    assert {"revfunc+attn", "checkpoint+attn"} <= {r["method"] for r in result["rows"]}
     floor = max(f["activation_bytes"] for f in result["floor"].values())
     assert floor > 0
     for r in result["rows"]:
