@@ -157,11 +157,11 @@ class BlockFunction(torch.autograd.Function):
         view = dict(zip(position, saved[:n]))  # {flat slot: tensor}
         needs = dict(zip(position, ctx.needs_input_grad[6:]))  # after the 6 leading arguments
         last = i == len(plan.blocks) - 1
-        exact = saved[n:n + 2] if not last and i in plan.boundaries else None
+        boundary_input = saved[n:n + 2] if not last and i in plan.boundaries else None
         y1, y2 = saved[n:n + 2] if last else tape.take(i)
         rebuild = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]
         x1, x2, dx1, dx2, grads = _walk.block_backward(plan, i, [y1, y2, dy1, dy2], view, needs, _walk.backward_mode(),
-                                                       exact_input=exact, rebuild=i > 0 and rebuild)
+                                                       boundary_input=boundary_input, rebuild=i > 0 and rebuild)
         if i > 0 and rebuild:
             tape.put(i - 1, x1, x2)
         x1 = x2 = None

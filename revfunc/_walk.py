@@ -56,16 +56,17 @@ def forward(plan: Plan, x1: torch.Tensor, x2: Optional[torch.Tensor], tensors: S
 
 
 def inverse(plan: Plan, y1: torch.Tensor, y2: torch.Tensor, tensors: Sequence[torch.Tensor],
-            watch: Watch = Watch.NONE, exact=None) -> Iterator[Tuple[int, torch.Tensor, torch.Tensor]]:
+            watch: Watch = Watch.NONE, boundary_states=None
+            ) -> Iterator[Tuple[int, torch.Tensor, torch.Tensor]]:
     """Yield ``(i, x1, x2)``, block ``i``'s input rebuilt from its output, from the last
-    block down: ``x2 = y2 - g_i(y1); x1 = y1 - f_i(x2)``. ``exact``: ``{j: (x1, x2)}``
+    block down: ``x2 = y2 - g_i(y1); x1 = y1 - f_i(x2)``. ``boundary_states``: ``{j: (x1, x2)}``
     true states to restart from at ``j`` (``boundaries``), as the backward does.
     With ``watch``, the last ``g`` sees a copy of the caller's ``y1``."""
     if watch:
         y1 = y1.clone()
     for i in range(len(plan.blocks) - 1, -1, -1):
-        if exact and i + 1 in exact:
-            y1, y2 = exact[i + 1]
+        if boundary_states and i + 1 in boundary_states:
+            y1, y2 = boundary_states[i + 1]
         y2 = y2 - call(plan, i, 1, y1, tensors, watch)
         y1 = y1 - call(plan, i, 0, y2, tensors, watch)
         yield i, y1, y2
@@ -117,8 +118,9 @@ def rebuilt_inputs(plan: Plan, x1, x2, tensors) -> List[Tuple[int, Tuple[torch.T
         # forward has updated it once, as one plain forward would.
         y1, y2, _ = checked(plan, tensors, x1.device, lambda watch: forward(plan, x1, x2, tensors, watch,
                                                                             inputs.clear() or inputs))
-        exact = {j: inputs[j] for j in plan.boundaries}
-        rebuilt = checked(plan, tensors, x1.device, lambda watch: list(inverse(plan, y1, y2, tensors, watch, exact)))
+        boundary_states = {j: inputs[j] for j in plan.boundaries}
+        rebuilt = checked(plan, tensors, x1.device,
+                          lambda watch: list(inverse(plan, y1, y2, tensors, watch, boundary_states)))
     return [(i, (r1, r2), inputs[i]) for i, r1, r2 in rebuilt]
 
 
@@ -133,14 +135,14 @@ def backward_mode() -> str:
 
 
 def block_backward(plan: Plan, i: int, state: list, tensors, needs, mode: str, captures: bool = True,
-                   exact_input=None, rebuild: bool = True):
+                   boundary_input=None, rebuild: bool = True):
     """One block of the backward walk: from block ``i``'s output and its cotangents, rebuild
     its input, recompute both branches and back-propagate through them.
 
     Args:
         state: ``[y1, y2, dy1, dy2]``, emptied here (so no caller frame keeps a dead
             tensor alive); ``None`` cotangents count as zero.
-        exact_input: block ``i``'s input ``(x1, x2)`` kept exactly (``boundaries``), or
+        boundary_input: block ``i``'s input ``(x1, x2)`` kept exactly (``boundaries``), or
             ``None`` to rebuild it.
         rebuild: whether the input is needed at all (``False`` for block 0).
 
@@ -156,17 +158,17 @@ def block_backward(plan: Plan, i: int, state: list, tensors, needs, mode: str, c
     dy2 = torch.zeros_like(y2) if dy2 is None else dy2
     # g at y1 rebuilds x2 = y2 - g(y1); y2 is dead once x2 exists.
     # (The partner goes in a one-item list that the callee empties: no frame keeps it.)
-    box, y2 = (None if exact_input is not None else [y2]), None
+    box, y2 = (None if boundary_input is not None else [y2]), None
     x2, grads, dy1_g = vjp(plan, i, 1, tensors, needs, y1, dy2, mode, box, captures)
-    if exact_input is not None:
-        x2 = exact_input[1]
+    if boundary_input is not None:
+        x2 = boundary_input[1]
     a1 = dy1 + dy1_g
     dy1 = dy1_g = None
     # f at x2 rebuilds x1 = y1 - f(x2) (when needed); y1 is then dead.
-    box, y1 = (None if not rebuild or exact_input is not None else [y1]), None
+    box, y1 = (None if not rebuild or boundary_input is not None else [y1]), None
     x1, f_grads, dx2_f = vjp(plan, i, 0, tensors, needs, x2, a1, mode, box, captures)
-    if exact_input is not None and rebuild:
-        x1 = exact_input[0]
+    if boundary_input is not None and rebuild:
+        x1 = boundary_input[0]
     dx2 = dy2 + dx2_f
     dy2 = dx2_f = None
     for j, v in f_grads.items():
@@ -196,14 +198,14 @@ def backward(plan: Plan, dy1, dy2, saved: List[Optional[torch.Tensor]], needs: S
     nk = 2 * len(plan.boundaries)
     kept = saved[2:2 + nk]
     tensors = saved[2 + nk:]
-    exact = {j: (kept[2 * m], kept[2 * m + 1]) for m, j in enumerate(plan.boundaries)}
+    boundary_states = {j: (kept[2 * m], kept[2 * m + 1]) for m, j in enumerate(plan.boundaries)}
     grads: List[Optional[torch.Tensor]] = [None] * len(tensors)
     mode = backward_mode()
     for i in range(len(plan.blocks) - 1, -1, -1):
-        if i + 1 in exact:
-            state[:2] = exact[i + 1]
+        if i + 1 in boundary_states:
+            state[:2] = boundary_states[i + 1]
         x1, x2, dx1, dx2, block_grads = block_backward(plan, i, state, tensors, needs, mode, captures,
-                                                       exact.get(i), rebuild=i > 0)
+                                                       boundary_states.get(i), rebuild=i > 0)
         state += (x1, x2, dx1, dx2)
         x1 = x2 = dx1 = dx2 = None
         for j, v in block_grads.items():

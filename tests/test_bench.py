@@ -14,6 +14,7 @@ def test_bench_writes_json_and_plot_with_every_method(tmp_path):
                          "--seqs", "16", "--sweep-depth", "2", "--functional", "--no-selective", "--repeats", "1",
                          "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "bench.json").read_text())
+    assert str(tmp_path) not in json.dumps(saved["config"]["classic"]) and "/" not in saved["config"]["classic"]
     assert saved["rows"] == result["rows"] and saved["sweep"] == result["sweep"]
     assert (tmp_path / "bench.md").read_text() == bench.render_markdown(result)
     assert "| 4 | revfunc |" in (tmp_path / "bench.md").read_text() and result["command"].startswith("python -m")

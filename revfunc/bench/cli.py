@@ -138,6 +138,7 @@ def main(argv=None) -> dict:
     timed = timings(args, methods(args))
     result = report(args, methods(args), timed, activations)
     result.update(command=command, date=date, machine=_machine(args))
+    result["config"]["classic"] = os.path.basename(args.classic)  # no path of the machine it ran on
     (out / "bench.json").write_text(json.dumps(result, indent=2))
     (out / "bench.md").write_text(render_markdown(result))
     if activations:
