@@ -51,12 +51,12 @@ from revfunc.bench.report import _machine, plot, render_drift_markdown, render_h
 
 DEFAULT_CLASSIC = pathlib.Path(__file__).resolve().parents[3] / "shared" / "reference" / "reversible.py"
 PRESETS = {
-    "long": dict(depths=[8, 16, 32], dim=64, heads=4, seq=2048, batch=1, causal=True, repeats=4, warmup=1,
-                 seqs=[512, 1024], sweep_depth=8, functional=False, threads=0, memory=True, selective=True),
+    "long": dict(depths=[8, 16, 32], dim=64, heads=4, seq=2048, batch=1, causal=True, repeats=3, warmup=1,
+                 seqs=[512], sweep_depth=8, functional=False, threads=0, memory=True, selective=True),
     "short": dict(depths=[4, 8, 16, 32], dim=128, heads=4, seq=64, batch=4, causal=False, repeats=7, warmup=2,
                   seqs=[], sweep_depth=8, functional=True, threads=0, memory=True),
     "wide": dict(depths=[8, 16, 32], dim=128, heads=4, seq=512, batch=1, causal=True, repeats=3, warmup=1,
-                 seqs=[], sweep_depth=8, functional=False, threads=0, memory=True),
+                 seqs=[], sweep_depth=8, functional=False, threads=0, memory=True, setups=True),
     "overhead": dict(depths=[32], dim=16, heads=2, seq=1, batch=1, causal=False, repeats=15, warmup=2,
                      seqs=[], sweep_depth=8, functional=False, threads=1, memory=False),
 }
@@ -86,6 +86,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory workers")
     parser.add_argument("--selective", action=argparse.BooleanOptionalAction, default=None,
                         help="also revfunc+attn and checkpoint+attn: attention outputs kept per block")
+    parser.add_argument("--setups", action=argparse.BooleanOptionalAction, default=None,
+                        help="also measure each module method with an optimizer step in backward")
     parser.add_argument("--compile", action="store_true",
                         help="also every method as torch.compile(model) plus eager backward")
     parser.add_argument("--out", default="bench_out", help="folder for bench.json, bench.md and bench.png")

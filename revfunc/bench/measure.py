@@ -93,7 +93,7 @@ def worker(args) -> None:
     activation, returned = activation_bytes(case.run, args.device, case.preallocate if module_step else case.clear)
     record = {"method": method, "depth": depth, "seq": seq, "activation_bytes": max(activation, 0),
               "grad_bytes": tensor_bytes(case.params)}
-    if module_step:  # the same step with the optimizer in backward (gradients freed as they arrive)
+    if module_step and args.setups:  # the same step with the optimizer in backward (gradients freed as they arrive)
         case.clear()
         case.optimizer_in_backward()
         record["optimizer_in_backward_bytes"] = max(activation_bytes(case.run, args.device, case.clear)[0], 0)
@@ -128,7 +128,8 @@ def peak_memory(args, argv, methods) -> dict:
         activations[method, depth, seq] = record["activation_bytes"]
         if "optimizer_in_backward_bytes" in record:
             activations[method, depth, seq, "optimizer_in_backward"] = record["optimizer_in_backward_bytes"]
-        print(f"  memory  [{len(activations):2d}/{len(configs)}] depth {depth:3d}  seq {seq:5d}  {method:24s} "
+        done = sum(len(key) == 3 for key in activations)
+        print(f"  memory  [{done:2d}/{len(configs)}] depth {depth:3d}  seq {seq:5d}  {method:24s} "
               f"{record['activation_bytes'] / 2**20:8.1f} MiB", flush=True)
 
     for method, depth, seq in configs:
