@@ -3,8 +3,9 @@
 Per method, over every measured point (the depth sweep at ``--seq`` and the sequence
 sweep at ``--sweep-depth``): ``act(depth, n) = n * (u + w * depth) + k``, O(n) per token
 (SDPA never materializes the n x n matrix), ``w`` what a method stores per block and
-token. The reversible methods (``revfunc``, ``classic``) store nothing per block, so they
-are fitted flat in depth (``w = 0``); the others with ``w >= 0``. (A model with a separate
+token. The reversible methods (``revfunc``, ``classic``, compiled or not) store nothing
+per block, so they are fitted flat in depth (``w = 0``); the others (selective saving
+included: it keeps the attention output per block) with ``w >= 0``. (A model with a separate
 per-block term cannot be fitted: the two sweeps cross at one point, so ``n * depth`` and
 ``depth`` are not separable.) The largest relative residual is reported, and a method
 whose fit is worse than :data:`MAX_RESIDUAL` is not extrapolated (the report leaves it out).
@@ -38,7 +39,7 @@ def budget_table(args, rows, sweep) -> dict:
         a = torch.tensor([[n, n * d, 1.0] for d, n, _ in pts], dtype=torch.float64)
         b = torch.tensor([[float(v)] for _, _, v in pts], dtype=torch.float64)
         w = 0.0
-        if m.split("+")[0].split("/")[0] not in FLAT_IN_DEPTH:
+        if m.removesuffix("+compile") not in FLAT_IN_DEPTH:  # revfunc+attn keeps one tensor per block: w > 0
             u, w, k = torch.linalg.lstsq(a, b, driver="gelsd").solution.flatten().tolist()
         if w <= 0:  # flat in depth
             w = 0.0
