@@ -114,6 +114,13 @@ def check_bool(where: str, arg: str, value: Any) -> None:
         raise TypeError(msg(where, arg, "a bool", describe(value)))
 
 
+def check_context_fn_type(where: str, context_fn: Any) -> None:
+    """``context_fn``: ``None`` or a callable (as in ``torch.utils.checkpoint``)."""
+    if context_fn is not None and not callable(context_fn):
+        raise TypeError(msg(where, "context_fn", "None or a callable returning two context managers "
+                            "(e.g. revfunc.selective.save_attention)", describe(context_fn)))
+
+
 def branch_name(index: int, branch: str) -> str:
     return f"block {index} branch {branch}"
 

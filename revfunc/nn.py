@@ -243,9 +243,7 @@ class ReversibleSequence(nn.Module):
                  layer_dropout: float = 0.0, context_fn: Optional[Any] = None):
         super().__init__()
         where = "revfunc.nn.ReversibleSequence"
-        if context_fn is not None and not callable(context_fn):
-            raise TypeError(_checks.msg(where, "context_fn", "None or a callable returning two context managers "
-                                        "(e.g. revfunc.selective.save_attention)", _checks.describe(context_fn)))
+        _checks.check_context_fn_type(where, context_fn)
         self.context_fn = context_fn
         pairs = _check_layers(where, blocks)
         self.args_route = dict(args_route or {})

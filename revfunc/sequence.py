@@ -148,11 +148,9 @@ def reversible_sequence(
 
 def check_context_fn(where: str, context_fn) -> None:
     """``context_fn``: ``None`` or a callable, used eagerly outside ``torch.func`` transforms."""
+    _checks.check_context_fn_type(where, context_fn)
     if context_fn is None:
         return
-    if not callable(context_fn):
-        raise TypeError(_checks.msg(where, "context_fn", "None or a callable returning two context managers "
-                                    "(e.g. revfunc.selective.save_attention)", _checks.describe(context_fn)))
     if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is not None:
         raise RuntimeError(
             f"{where}: context_fn (selective saving) is unsupported under torch.func transforms and inside "

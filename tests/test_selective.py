@@ -137,3 +137,5 @@ def test_torch_func_and_compile_are_refused_with_a_clear_error():
         torch.compile(loss, backend="eager", fullgraph=True)(params)
     with pytest.raises(TypeError, match=r"context_fn expected None or a callable"):
         revfunc.reversible_sequence(blocks, params, x, x, context_fn=3)
+    with pytest.raises(TypeError, match=r"revfunc.nn.ReversibleSequence: context_fn expected None or a callable"):
+        rnn.ReversibleSequence(layers, context_fn=3)
