@@ -60,8 +60,14 @@ def apply(plan: Plan, x1: torch.Tensor, x2: torch.Tensor, tensors) -> Tuple[torc
 
     def run(watch):
         a1, a2 = x1, x2
-        for i, position in enumerate(positions):
-            a1, a2 = _apply(plan, tape, i, watch, a1, a2, *(tensors[j] for j in position))
+        for i in range(len(positions)):  # each block through the walk's gathering point
+            a1, a2 = _walk.gathered(plan, i, tensors, _node, a1, a2, tape, watch)
         return a1, a2
 
     return _walk.checked(plan, tensors, x1.device, run)
+
+
+def _node(plan: Plan, i: int, tensors, x1: torch.Tensor, x2: torch.Tensor, tape: Tape,
+          watch) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Block ``i``'s node: its forward now, its backward when autograd reaches it."""
+    return _apply(plan, tape, i, watch, x1, x2, *(tensors[j] for j in tape.positions[i]))

@@ -211,3 +211,12 @@ def compiled_transform_warning(where: str) -> str:
         "memory-saving Function's forward and drops its backward there (PyTorch issue #193279), so this "
         "compiled step stores every block's activations (O(depth) memory), like plain autograd. Compile a step "
         "written with revfunc.reversible_vjp instead: it keeps activation memory constant in depth.")
+
+
+def sharded_blocks_error(higher_order: bool) -> RuntimeError:
+    inside = "with higher_order=True" if higher_order else "under a torch.func transform or inside torch.compile"
+    return RuntimeError(
+        f"revfunc.nn.ReversibleSequence: blocks sharded with FSDP2 (fully_shard on each block) cannot run {inside}: "
+        "each block must run inside its own module call, where FSDP2 gathers and releases its parameters, and "
+        "these paths run the whole stack in one autograd Function. Use loss.backward() or torch.autograd.grad, "
+        "or shard the root only (fully_shard(model)); see docs/distributed.md.")

@@ -56,6 +56,9 @@ class Plan:
             classic ``SequentialSequence``) instead of the two-stream coupling.
         contexts: ``context_fn``'s selective-saving contexts of this call
             (:class:`revfunc.selective.SavedContexts`), or ``None``.
+        units: per block, the module whose call gathers and releases the block's
+            parameters (an FSDP2 module: ``fully_shard`` on the block), or ``None``
+            throughout; see :func:`revfunc._walk.gathered`.
     """
 
     where: str
@@ -69,6 +72,7 @@ class Plan:
     rng_check: bool = False
     residual: bool = False
     contexts: Any = None
+    units: Optional[Tuple[Any, ...]] = None
 
     def seed(self, index: int, branch: int) -> Optional[int]:
         return None if self.seeds is None else self.seeds[index][branch]
@@ -100,6 +104,22 @@ def bind(b: Bind, tensors: Sequence[torch.Tensor]) -> Tuple[Dict[str, torch.Tens
     for name, j in b.other_kwargs:
         kwargs[name] = tensors[j]
     return params, kwargs
+
+
+class Overlay:
+    """The flat tensor list with one block's parameters read from live dicts instead:
+    ``live`` is ``(f_params, g_params)`` as the block's unit holds them inside its call
+    (FSDP2's unsharded parameters), ``binds`` that block's pair of :class:`Bind`."""
+
+    __slots__ = ("tensors", "live")
+
+    def __init__(self, tensors: Sequence[torch.Tensor], binds: Tuple[Bind, Bind], live) -> None:
+        self.tensors = tensors
+        self.live = {j: params[name] for b, params in zip(binds, live) for name, j in b.params}
+
+    def __getitem__(self, j: int) -> torch.Tensor:
+        t = self.live.get(j)
+        return self.tensors[j] if t is None else t
 
 
 def under_compile() -> bool:
@@ -225,7 +245,7 @@ def _warn_hooks(where: str, index: int, branch: str, fn) -> None:
 
 def make_plan(where, blocks, params, kwargs, generator, x1, x2=None, *, checkpoint_every=None,
               reverse_mode_only=False, higher_order=False, dedupe=True, replay=None, deterministic=False,
-              recomputes=True, residual=False, context_fn=None) -> Tuple[Plan, List[torch.Tensor]]:
+              recomputes=True, residual=False, context_fn=None, units=None) -> Tuple[Plan, List[torch.Tensor]]:
     """Flatten the call's tensors and fix its seeds and autocast state in a :class:`Plan`.
 
     ``replay``: whether the call's random numbers must be replayable (``None``: when
@@ -234,7 +254,8 @@ def make_plan(where, blocks, params, kwargs, generator, x1, x2=None, *, checkpoi
     ``deterministic`` (where the forward instead checks that no branch uses the RNG).
     ``recomputes``: a backward will re-run the branches (reversible paths), so forward
     hooks on branch modules are warned about. ``context_fn``: selective saving (see
-    :mod:`revfunc.selective`), used when a backward can follow.
+    :mod:`revfunc.selective`), used when a backward can follow. ``units``: see
+    :attr:`Plan.units`.
     """
     tensors, binds = flatten(blocks, params, kwargs, dedupe)
     stream = (x1,) if x2 is None else (x1, x2)
@@ -258,5 +279,6 @@ def make_plan(where, blocks, params, kwargs, generator, x1, x2=None, *, checkpoi
         rng_check=generator is None and deterministic and replay and not under_compile(),
         residual=residual,
         contexts=SavedContexts(context_fn) if context_fn is not None and replay else None,
+        units=units,
     )
     return plan, tensors

@@ -7,6 +7,8 @@
 - :func:`inverse`: blocks in reverse, rebuilding each block's input from its output.
 - :func:`backward`: blocks in reverse, rebuilding each input and back-propagating
   through a recomputation of its branches (the memory-saving backward).
+- :func:`gathered`: the one place where a block's parameters are gathered and released
+  (its FSDP2 unit's call), for every walk that runs blocks forward.
 - :func:`checked`: runs a reversible walk with its checks hoisted around it (version
   counters of the flat tensors and the global RNG once around the stack; the stream
   input per branch call), naming the offending block and branch on the error path.
@@ -22,7 +24,7 @@ import torch
 
 from revfunc import _checks
 from revfunc._branch import Watch, call, rng_states, same_states, set_rng_states, vjp
-from revfunc._plan import Plan
+from revfunc._plan import Overlay, Plan
 
 T = TypeVar("T")
 
@@ -48,11 +50,53 @@ def forward(plan: Plan, x1: torch.Tensor, x2: Optional[torch.Tensor], tensors: S
             x1 = x1 + call(plan, i, 0, x1, tensors, watch)
             x1 = x1 + call(plan, i, 1, x1, tensors, watch)
             continue
-        x1 = x1 + call(plan, i, 0, x2, tensors, watch, saving)
-        x2 = x2 + call(plan, i, 1, x1, tensors, watch, saving)
+        x1, x2 = gathered(plan, i, tensors, _coupling, x1, x2, watch, saving)
         if i + 1 in boundaries:
             kept += (x1, x2)
     return x1, x2, kept
+
+
+def _coupling(plan: Plan, i: int, tensors, x1: torch.Tensor, x2: torch.Tensor, watch: Watch, saving: bool):
+    x1 = x1 + call(plan, i, 0, x2, tensors, watch, saving)
+    return x1, x2 + call(plan, i, 1, x1, tensors, watch, saving)
+
+
+def gathered(plan: Plan, i: int, tensors, step: Callable, x1: torch.Tensor, x2: torch.Tensor, *args):
+    """``step(plan, i, tensors, x1, x2, *args)``, block ``i``'s forward, with the block's
+    parameters gathered: the one place where the walk gathers and releases them.
+
+    A block with a unit (``plan.units[i]``, an FSDP2 module) runs inside the unit's own
+    call, so that its hooks do what they do around any module: all-gather the block's
+    parameters before, free them after (``reshard_after_forward``), and hook the
+    block's backward (all-gather again before its recomputation; reduce-scatter its
+    gradients and free them once they are in). ``step`` then reads the block's
+    parameters as the unit holds them inside its call (:class:`revfunc._plan.Overlay`),
+    and the next block's all-gather is started first (``unshard(async_op=True)``, a
+    prefetch). Blocks without a unit run ``step`` directly on the flat ``tensors``.
+    """
+    units = plan.units
+    if units is None or units[i] is None:
+        return step(plan, i, tensors, x1, x2, *args)
+    return units[i](Gathered(step, plan, i, tensors, args), x1, x2)
+
+
+class Gathered:
+    """Block ``i``'s forward as its unit runs it: ``unit(Gathered(...), x1, x2)`` calls
+    ``self(live, x1, x2)`` from inside the unit's ``forward`` (see
+    :class:`revfunc.nn.ReversibleBlock`), with ``live`` the ``(f_params, g_params)`` it
+    holds there."""
+
+    __slots__ = ("step", "plan", "index", "tensors", "args")
+
+    def __init__(self, step: Callable, plan: Plan, index: int, tensors, args: tuple) -> None:
+        self.step, self.plan, self.index, self.tensors, self.args = step, plan, index, tensors, args
+
+    def __call__(self, live, x1: torch.Tensor, x2: torch.Tensor):
+        plan, i, units = self.plan, self.index, self.plan.units
+        if i + 1 < len(units) and units[i + 1] is not None:
+            units[i + 1].unshard(async_op=True)  # prefetch: the unit's pre-forward waits for it
+        view = Overlay(self.tensors, plan.binds[i], live)
+        return self.step(plan, i, view, x1, x2, *self.args)
 
 
 def inverse(plan: Plan, y1: torch.Tensor, y2: torch.Tensor, tensors: Sequence[torch.Tensor],

@@ -13,6 +13,7 @@ Dims: ``*`` leading dims (batch, tokens), ``d`` the model width.
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -20,10 +21,11 @@ from torch import nn
 
 from revfunc import _checks, _walk
 from revfunc._plan import make_plan
+from revfunc._walk import Gathered
 from revfunc.functional import PureModule, registered_since, structure_generation
 from revfunc.random import accepts_generator
 from revfunc.routing import check_router, layer_drop, route_args
-from revfunc.sequence import reversible_inverse, reversible_sequence
+from revfunc.sequence import apply_stack, reversible_inverse, reversible_sequence
 
 __all__ = ["ReversibleSequence", "SequentialSequence", "ReversibleBlock"]
 
@@ -166,6 +168,11 @@ class ReversibleBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, f_args: Optional[Mapping[str, Any]] = None,
                 g_args: Optional[Mapping[str, Any]] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        if type(x) is Gathered:
+            # The walk running this block inside a ReversibleSequence (revfunc._walk.gathered),
+            # through this module's call so that its hooks (FSDP2's) run around the block;
+            # the two stream halves come in the next two places.
+            return x(self.pure()[1], f_args, g_args)
         x1, x2 = self._split("revfunc.nn.ReversibleBlock", x)
         fns, params = self.pure()
         y1, y2 = reversible_sequence([fns], [params], x1, x2, kwargs=[(f_args or {}, g_args or {})],
@@ -269,10 +276,38 @@ class ReversibleSequence(nn.Module):
         deterministic = generator is None and not _active(candidates)
         # Both halves start as x (the classic cat([x, x], -1)); a view keeps the two
         # Function inputs distinct tensors, which Dynamo requires.
-        y1, y2 = reversible_sequence(list(fns), list(params), x, x.view_as(x), kwargs=[routed[i] for i in keep],
-                                     generator=generator, deterministic=deterministic,
-                                     context_fn=self.__dict__.get("context_fn"))  # absent on pickles before it
+        y1, y2 = apply_stack(list(fns), list(params), x, x.view_as(x), kwargs=[routed[i] for i in keep],
+                             generator=generator, deterministic=deterministic,
+                             context_fn=self.__dict__.get("context_fn"),  # absent on pickles before it
+                             units=_units(self.blocks, keep, params))
         return y1 + y2
+
+
+def _units(blocks: nn.ModuleList, keep: List[int], params) -> Optional[Tuple[Optional[nn.Module], ...]]:
+    """Per kept block, the block itself if it is an FSDP2 module (``fully_shard`` on the
+    block): the walk then runs the block inside its call, where FSDP2 gathers and
+    releases its parameters. ``None`` when no block is one.
+
+    Raises:
+        RuntimeError: a block that is not a unit holds sharded parameters (``fully_shard``
+            on its branches or their submodules), which no call would gather.
+    """
+    fsdp = sys.modules.get("torch.distributed.fsdp")  # not imported: nothing can be sharded
+    if fsdp is None or torch.compiler.is_compiling():  # compiled: the stack's Function refuses units
+        return None
+    units = tuple(blocks[i] if isinstance(blocks[i], fsdp.FSDPModule) else None for i in keep)
+    from torch.distributed.tensor import DTensor
+
+    for unit, i, pair in zip(units, keep, params):
+        # One parameter per branch: a sharded branch has them all sharded (a sharded
+        # submodule deeper down fails in DTensor's own check instead).
+        if unit is None and any(isinstance(next(iter(p.values()), None), DTensor) for p in pair):
+            raise RuntimeError(
+                f"revfunc.nn.ReversibleSequence: block {i}'s parameters are sharded (DTensor), but block {i} is "
+                f"not an FSDP2 unit, so nothing would gather them: call fully_shard on model.blocks[{i}] itself "
+                "(one unit per block, not on its branches or their submodules) and on the model; see "
+                "docs/distributed.md.")
+    return units if any(u is not None for u in units) else None
 
 
 class _LiveModule:

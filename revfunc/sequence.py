@@ -122,6 +122,15 @@ def reversible_sequence(
         >>> torch.allclose(z1, x1, atol=1e-6) and torch.allclose(z2, x2, atol=1e-6)
         True
     """
+    return apply_stack(blocks, params, x1, x2, kwargs=kwargs, generator=generator, checkpoint_every=checkpoint_every,
+                       check_reconstruction=check_reconstruction, higher_order=higher_order,
+                       deterministic=deterministic, context_fn=context_fn)
+
+
+def apply_stack(blocks, params, x1, x2, *, kwargs=None, generator=None, checkpoint_every=None,
+                check_reconstruction=None, higher_order=False, deterministic=False, context_fn=None, units=None):
+    """:func:`reversible_sequence`, plus ``units`` (:attr:`revfunc._plan.Plan.units`), which
+    ``revfunc.nn.ReversibleSequence`` passes for blocks sharded with FSDP2."""
     where = "revfunc.reversible_sequence"
     validate(where, blocks, params, x1, x2, kwargs, generator)
     _checks.check_positive_int(where, "checkpoint_every", checkpoint_every)
@@ -136,12 +145,15 @@ def reversible_sequence(
     checking = check_reconstruction is not None and check_reconstruction is not False
     plan, tensors = make_plan(where, blocks, params, kwargs, generator, x1, x2, checkpoint_every=checkpoint_every,
                               reverse_mode_only=True, higher_order=higher_order, deterministic=deterministic,
-                              replay=True if checking else None, context_fn=context_fn)
+                              replay=True if checking else None, context_fn=context_fn, units=units)
     if checking:
         _check_drift(plan, x1, x2, tensors, check_reconstruction)
-    if not higher_order and torch.is_grad_enabled() and not torch.compiler.is_compiling() \
-            and torch._C._functorch.peek_interpreter_stack() is None:
+    chain = not higher_order and torch.is_grad_enabled() and not torch.compiler.is_compiling() \
+        and torch._C._functorch.peek_interpreter_stack() is None
+    if chain:
         return _chain.apply(plan, x1, x2, tensors)  # eager autograd: gradients leave block by block
+    if units is not None and torch.is_grad_enabled():
+        raise _checks.sharded_blocks_error(higher_order)
     out = function_for(len(tensors)).apply(plan, x1, x2, *tensors)
     return out[0], out[1]
 
