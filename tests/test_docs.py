@@ -1,6 +1,7 @@
 """Figures in the docs are the benchmark's own output, embedded verbatim.
 
-``python -m revfunc.bench --out docs/generated`` (and ``--drift``) write ``*.json`` and
+``python -m revfunc.bench --out docs/generated`` (and ``--drift``, and
+``python -m revfunc.bench.sharded --out docs/generated/sharded``) write ``*.json`` and
 ``*.md``; docs embed each ``*.md`` between ``<!-- generated: docs/generated/NAME.md -->``
 and ``<!-- end generated -->``. These tests fail when an embedded copy differs from the
 generated file, or when a generated file is not what the current renderer makes of its
@@ -41,7 +42,12 @@ def test_embedded_copy_equals_the_generated_file(doc, path, body):
 @pytest.mark.parametrize("md", GENERATED, ids=lambda p: p.name)
 def test_generated_file_is_the_renderer_output_of_its_json(md):
     result = json.loads(md.with_suffix(".json").read_text())
-    render = bench.render_drift_markdown if "drift" in result else bench.render_markdown
+    if "sharded" in result:
+        from revfunc.bench import sharded
+
+        render = sharded.render_markdown
+    else:
+        render = bench.render_drift_markdown if "drift" in result else bench.render_markdown
     assert render(result) == md.read_text()
 
 
