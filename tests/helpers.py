@@ -78,3 +78,36 @@ def saved_bytes(fn, exclude=()):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return total[0], out
+
+
+def spawn_and_wait(fn, args, nprocs, limit_s, what):
+    """Run ``fn(rank, *args)`` in ``nprocs`` fresh processes; fail the test, killing them,
+    if they have not all finished within ``limit_s`` seconds."""
+    import time
+
+    import pytest
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
+    deadline = time.monotonic() + limit_s
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for process in ctx.processes:
+                process.kill()
+            pytest.fail(f"{what} did not finish within {limit_s} s")
+
+
+def init_gloo(rank, world, init_file, hang_s=60):
+    """A worker's start: one thread, a gloo group on loopback through ``init_file``, and a
+    traceback dump (then exit) if it hangs for ``hang_s`` seconds."""
+    import faulthandler
+    import os
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    faulthandler.dump_traceback_later(hang_s, exit=True)
+    torch.set_num_threads(1)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # stay on loopback
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))

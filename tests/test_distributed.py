@@ -10,7 +10,6 @@ averaged them over ranks (PyTorch #162338: summed on gloo).
 
 import os
 import tempfile
-import time
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from torch import nn
 
 from classic import CLASSIC
 import revfunc.nn as rnn
-from helpers import assert_all_close
+from helpers import assert_all_close, init_gloo, spawn_and_wait
 from revfunc.bench.sharded import state_bytes
 from revfunc.testing.blocks import transformer_layers
 
@@ -224,16 +223,9 @@ def _errors(rank):
 
 
 def _worker(rank, out_dir, init_file):
-    import faulthandler
-    from datetime import timedelta
-
     import torch.distributed as dist
 
-    faulthandler.dump_traceback_later(120, exit=True)  # a hang shows where, then ends the worker
-    torch.set_num_threads(1)
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD,
-                            timeout=timedelta(seconds=60))
+    init_gloo(rank, WORLD, init_file, hang_s=120)
     results = {}
     for kind, per_block in (("reversible", True), ("reversible", False), ("sequential", True),
                             ("sequential", False)):
@@ -267,17 +259,8 @@ def _worker(rank, out_dir, init_file):
 
 @pytest.fixture(scope="module")
 def sharded():
-    import torch.multiprocessing as mp
-
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.start_processes(_worker, args=(tmp, os.path.join(tmp, "init")), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-        deadline = time.monotonic() + 150
-        while not ctx.join(timeout=2):
-            if time.monotonic() > deadline:
-                for process in ctx.processes:
-                    process.kill()
-                pytest.fail("FSDP2 workers did not finish within 150 s")
+        spawn_and_wait(_worker, (tmp, os.path.join(tmp, "init")), WORLD, 150, "FSDP2 workers")
         return torch.load(os.path.join(tmp, "results.pt"), weights_only=False)
 
 

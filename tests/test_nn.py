@@ -3,7 +3,6 @@
 import copy
 import os
 import tempfile
-import time
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from torch import nn
 import classic
 import revfunc
 import revfunc.nn as rnn
-from helpers import assert_all_close
+from helpers import assert_all_close, init_gloo, spawn_and_wait
 from revfunc.testing.blocks import transformer_layers
 
 CLASSIC = classic.CLASSIC
@@ -149,17 +148,10 @@ def test_container_errors_name_the_argument():
 
 
 def _ddp_worker(rank, world, init_file, find_unused, out_dir, bucket_view=False):
-    import faulthandler
-    from datetime import timedelta
-
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    faulthandler.dump_traceback_later(60, exit=True)  # a hang shows where, then ends the worker
-    torch.set_num_threads(1)
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # stay on loopback
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
+    init_gloo(rank, world, init_file)
     model = _ddp_model()
     ddp = DDP(model, find_unused_parameters=find_unused, gradient_as_bucket_view=bucket_view)
     x, mask = _ddp_batch()
@@ -194,17 +186,9 @@ def _ddp_batch():
 
 @pytest.mark.parametrize("find_unused, bucket_view", [(True, False), (False, False), (False, True)])
 def test_ddp_gradients_equal_a_single_process_run_over_the_whole_batch(find_unused, bucket_view):
-    import torch.multiprocessing as mp
-
     with tempfile.TemporaryDirectory() as tmp:
-        ctx = mp.start_processes(_ddp_worker, args=(2, os.path.join(tmp, "init"), find_unused, tmp, bucket_view),
-                                 nprocs=2, join=False, start_method="spawn")
-        deadline = time.monotonic() + 90
-        while not ctx.join(timeout=2):
-            if time.monotonic() > deadline:
-                for process in ctx.processes:
-                    process.kill()
-                pytest.fail("DDP workers did not finish within 90 s")
+        spawn_and_wait(_ddp_worker, (2, os.path.join(tmp, "init"), find_unused, tmp, bucket_view), 2, 90,
+                       "DDP workers")
         saved = torch.load(os.path.join(tmp, "grads.pt"))
     got, ready = saved["grads"], saved["ready"]
     # Each gradient reached .grad once, block 1's (backward runs it first) before block 0's:
