@@ -45,10 +45,27 @@ def _data():
     return torch.randn(STEPS, MICRO, WORLD, 2, 5, DIM, generator=gen, dtype=torch.float64)
 
 
-def _slice_loss(model, x, step, micro, rank):
-    """One rank's loss on its slice; dropout masks come from an explicit generator."""
-    gen = torch.Generator().manual_seed(100 * step + 10 * micro + rank)
+def _layer_drop_model():
+    torch.manual_seed(0)
+    return rnn.ReversibleSequence(transformer_layers(4, DIM, heads=2, dropout=0.1).double(), layer_dropout=0.5)
+
+
+def _slice_loss(model, x, step, micro, rank, same_on_every_rank=False):
+    """One rank's loss on its slice; dropout masks come from an explicit generator (with
+    layer dropout, one seed on every rank: FSDP2's collectives need the same blocks)."""
+    gen = torch.Generator().manual_seed(100 * step + 10 * micro + (0 if same_on_every_rank else rank))
     return model(x[step, micro, rank].to(next(model.parameters()).dtype), generator=gen).pow(2).mean()
+
+
+def _layer_drop_reference():
+    model = _layer_drop_model()
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    x = _data()
+    for step in range(STEPS):
+        (sum(_slice_loss(model, x, step, 0, r, same_on_every_rank=True) for r in range(WORLD)) / WORLD).backward()
+        opt.step()
+        opt.zero_grad()
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 def _reference(kind, micro=1, state=None):
@@ -242,6 +259,13 @@ def _worker(rank, out_dir, init_file):
     model = _shard(_rev_model(), True)
     grads0, _ = _train_sharded(model, rank, micro=MICRO)
     results["accumulation"] = {"grads0": grads0, "params": _full(dict(model.named_parameters()))}
+    model = _shard(_layer_drop_model(), True)
+    opt = torch.optim.AdamW(model.parameters(), lr=LR)
+    for step in range(STEPS):
+        _slice_loss(model, _data(), step, 0, rank, same_on_every_rank=True).backward()
+        opt.step()
+        opt.zero_grad()
+    results["layer_drop"] = _full(dict(model.named_parameters()))
     model = _shard(_rev_model(), True)
     for module in model.modules():
         if hasattr(module, "set_gradient_divide_factor"):
@@ -285,6 +309,10 @@ def test_gradient_accumulation_without_sync_equals_full_batch(sharded):
     grads0, params = _reference("reversible", micro=MICRO)
     _assert_named_close(sharded["accumulation"]["grads0"], grads0, rtol=1e-9)
     _assert_named_close(sharded["accumulation"]["params"], params, rtol=1e-9)
+
+
+def test_layer_dropout_per_block_equals_full_batch_training(sharded):
+    _assert_named_close(sharded["layer_drop"], _layer_drop_reference(), rtol=1e-9)
 
 
 def test_gradient_divide_factor_goes_through_fsdp_reduction(sharded):
