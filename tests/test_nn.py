@@ -147,24 +147,31 @@ def test_container_errors_name_the_argument():
         seq(torch.zeros(1, 3, 8), mask=torch.ones(1, 3, dtype=torch.bool))
 
 
-def _ddp_worker(rank, world, init_file, find_unused, out_dir, bucket_view=False):
+DDP_SETUPS = [(True, False), (False, False), (False, True)]  # (find_unused_parameters, gradient_as_bucket_view)
+
+
+def _ddp_worker(rank, world, init_file, out_dir):
+    """Every DDP setup in turn (one spawn): each rank's gradients and their ready order."""
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     init_gloo(rank, world, init_file)
-    model = _ddp_model()
-    ddp = DDP(model, find_unused_parameters=find_unused, gradient_as_bucket_view=bucket_view)
-    x, mask = _ddp_batch()
-    half = x.shape[0] // world
-    sl = slice(rank * half, (rank + 1) * half)
-    names = {p: n for n, p in model.named_parameters()}
-    ready = []  # parameter names in the order their gradients reached .grad
-    for p in names:
-        p.register_post_accumulate_grad_hook(lambda p: ready.append(names[p]))
-    ddp(x[sl], mask=mask[sl], generator=torch.Generator().manual_seed(rank)).pow(2).mean().backward()
+    saved = {}
+    for find_unused, bucket_view in DDP_SETUPS:
+        model = _ddp_model()
+        ddp = DDP(model, find_unused_parameters=find_unused, gradient_as_bucket_view=bucket_view)
+        x, mask = _ddp_batch()
+        half = x.shape[0] // world
+        sl = slice(rank * half, (rank + 1) * half)
+        names = {p: n for n, p in model.named_parameters()}
+        ready = []  # parameter names in the order their gradients reached .grad
+        for p in names:
+            p.register_post_accumulate_grad_hook(lambda p: ready.append(names[p]))
+        ddp(x[sl], mask=mask[sl], generator=torch.Generator().manual_seed(rank)).pow(2).mean().backward()
+        saved[find_unused, bucket_view] = {"grads": {n: p.grad.clone() for n, p in model.named_parameters()},
+                                           "ready": ready}
     if rank == 0:
-        torch.save({"grads": {n: p.grad.clone() for n, p in model.named_parameters()}, "ready": ready},
-                   os.path.join(out_dir, "grads.pt"))
+        torch.save(saved, os.path.join(out_dir, "grads.pt"))
     dist.barrier()
     dist.destroy_process_group()
     # Skip interpreter teardown: gloo's background threads can stall it after the work is done.
@@ -184,13 +191,16 @@ def _ddp_batch():
     return x, mask
 
 
-@pytest.mark.parametrize("find_unused, bucket_view", [(True, False), (False, False), (False, True)])
-def test_ddp_gradients_equal_a_single_process_run_over_the_whole_batch(find_unused, bucket_view):
+@pytest.fixture(scope="module")
+def ddp_runs():
     with tempfile.TemporaryDirectory() as tmp:
-        spawn_and_wait(_ddp_worker, (2, os.path.join(tmp, "init"), find_unused, tmp, bucket_view), 2, 90,
-                       "DDP workers")
-        saved = torch.load(os.path.join(tmp, "grads.pt"))
-    got, ready = saved["grads"], saved["ready"]
+        spawn_and_wait(_ddp_worker, (2, os.path.join(tmp, "init"), tmp), 2, 90, "DDP workers")
+        return torch.load(os.path.join(tmp, "grads.pt"))
+
+
+@pytest.mark.parametrize("find_unused, bucket_view", DDP_SETUPS)
+def test_ddp_gradients_equal_a_single_process_run_over_the_whole_batch(ddp_runs, find_unused, bucket_view):
+    got, ready = ddp_runs[find_unused, bucket_view]["grads"], ddp_runs[find_unused, bucket_view]["ready"]
     # Each gradient reached .grad once, block 1's (backward runs it first) before block 0's:
     # DDP's buckets fill while the backward walks on.
     assert sorted(ready) == sorted(got)
