@@ -96,18 +96,3 @@ def spawn_and_wait(fn, args, nprocs, limit_s, what):
                 process.kill()
             pytest.fail(f"{what} did not finish within {limit_s} s")
 
-
-def init_gloo(rank, world, init_file, hang_s=60):
-    """A worker's start: one thread, a gloo group on loopback through ``init_file``, and a
-    traceback dump (then exit) if it hangs for ``hang_s`` seconds."""
-    import faulthandler
-    import os
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
-    faulthandler.dump_traceback_later(hang_s, exit=True)
-    torch.set_num_threads(1)
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # stay on loopback
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))

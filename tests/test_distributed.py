@@ -17,8 +17,8 @@ from torch import nn
 
 from classic import CLASSIC
 import revfunc.nn as rnn
-from helpers import assert_all_close, init_gloo, spawn_and_wait
-from revfunc.bench.sharded import state_bytes
+from helpers import assert_all_close, spawn_and_wait
+from revfunc.bench.sharded import init_gloo, state_bytes
 from revfunc.testing.blocks import transformer_layers
 
 WORLD, STEPS, DEPTH, DIM = 2, 3, 3, 8

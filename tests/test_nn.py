@@ -11,7 +11,8 @@ from torch import nn
 import classic
 import revfunc
 import revfunc.nn as rnn
-from helpers import assert_all_close, init_gloo, spawn_and_wait
+from helpers import assert_all_close, spawn_and_wait
+from revfunc.bench.sharded import init_gloo
 from revfunc.testing.blocks import transformer_layers
 
 CLASSIC = classic.CLASSIC

@@ -49,11 +49,24 @@ def state_bytes(model, opt) -> int:
     return total
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str, method: str, depths: List[int], dim: int,
-            seq: int) -> None:
+def init_gloo(rank: int, world: int, init_file: str, hang_s: float = 60, timeout_s: float = 60) -> None:
+    """A worker's start: one torch thread, a gloo group on loopback through ``init_file``,
+    and a traceback dump (then exit) if the worker hangs for ``hang_s`` seconds."""
     import faulthandler
     from datetime import timedelta
 
+    import torch
+    import torch.distributed as dist
+
+    faulthandler.dump_traceback_later(hang_s, exit=True)
+    torch.set_num_threads(1)
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
+
+
+def _worker(rank: int, world: int, init_file: str, out_dir: str, method: str, depths: List[int], dim: int,
+            seq: int) -> None:
     import torch
     import torch.distributed as dist
 
@@ -61,15 +74,12 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, method: str, de
     from revfunc.bench.measure import peak_above
     from revfunc.testing.blocks import transformer_layers
 
-    faulthandler.dump_traceback_later(900, exit=True)
-    torch.set_num_threads(1)
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=600))
+    init_gloo(rank, world, init_file, hang_s=900, timeout_s=600)
     rows = []
     for depth in depths:
         torch.manual_seed(0)
         model = rnn.ReversibleSequence(transformer_layers(depth, dim, heads=4, causal=True))
+        params = sum(p.numel() for p in model.parameters())  # before sharding: the whole model
         if method == "ddp (unsharded)":
             from torch.nn.parallel import DistributedDataParallel
 
@@ -98,8 +108,6 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, method: str, de
         mine = torch.tensor([state_bytes(model, opt), peak, seconds], dtype=torch.float64)
         both = [torch.zeros_like(mine) for _ in range(world)]
         dist.all_gather(both, mine)
-        params = sum(p.numel() for p in model.parameters()) if method == "ddp (unsharded)" else \
-            sum(p.full_tensor().numel() if hasattr(p, "full_tensor") else p.numel() for p in model.parameters())
         rows.append({"method": method, "depth": depth, "params": params,
                      "state_mib": max(float(b[0]) for b in both) / MIB,
                      "step_peak_mib": max(float(b[1]) for b in both) / MIB,
