@@ -251,9 +251,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
         if world > 1:
             import torch.distributed as dist
 
-            dist.all_reduce(mean, op=dist.ReduceOp.AVG if device.type == "cuda" else dist.ReduceOp.SUM)
-            if device.type != "cuda":  # gloo has no AVG
-                mean /= world
+            dist.all_reduce(mean)  # a sum (gloo has no average)
+            mean /= world
         losses.append(float(mean))
         if step % args.log_every == 0 or step == args.steps - 1:
             seconds = time.perf_counter() - start
