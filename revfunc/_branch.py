@@ -41,7 +41,8 @@ def call(plan: Plan, i: int, branch: int, x: torch.Tensor, tensors: Sequence[tor
          watch: Watch = Watch.NONE, saving: bool = False) -> torch.Tensor:
     """Run block ``i``'s ``branch`` (0: f, 1: g) at ``x``; see the module docstring.
     ``saving``: the memory-saving forward, which runs the branch in the plan's
-    selective-saving forward context (``context_fn``), if any."""
+    selective-saving forward context (``context_fn``), if any, and in the caller's grad
+    mode (see :func:`_saving_call`)."""
     fn = plan.blocks[i][branch]
     params, kwargs = bind(plan.binds[i][branch], tensors)
     watched = before = rng_before = None
@@ -53,13 +54,19 @@ def call(plan: Plan, i: int, branch: int, x: torch.Tensor, tensors: Sequence[tor
     if watch == Watch.RNG:
         rng_before = rng_states(x.device)
     try:
-        if saving and plan.contexts is not None:
-            with plan.contexts.forward_context(i, branch):
-                out = call_branch(fn, params, x, kwargs, plan.seed(i, branch))
+        if saving:
+            out = _saving_call(plan, i, branch, fn, params, x, kwargs)
         else:
             out = call_branch(fn, params, x, kwargs, plan.seed(i, branch))
     except TypeError as error:
         raise _checks.branch_type_error(plan.where, i, BRANCHES[branch], fn, error) from error
+    except RuntimeError as error:
+        if saving and _INPLACE_INPUT in str(error):
+            raise _checks.mutation_error(plan.where, i, BRANCHES[branch], fn, label("input", "x")) from error
+        if saving and _INPLACE_LEAF in str(error):
+            what = _written_leaf(plan, i, branch, fn, params, x, kwargs)
+            raise _checks.mutation_error(plan.where, i, BRANCHES[branch], fn, what) from error
+        raise
     if watch == Watch.INPUT and x._version != before:
         raise _checks.mutation_error(plan.where, i, BRANCHES[branch], fn, label("input", "x"))
     if watched is not None:
@@ -70,6 +77,70 @@ def call(plan: Plan, i: int, branch: int, x: torch.Tensor, tensors: Sequence[tor
         raise _checks.rng_error(plan.where, i, BRANCHES[branch])
     _checks.check_branch_output(plan.where, out, x, i, BRANCHES[branch])
     return out
+
+
+def _keep(t: torch.Tensor) -> torch.Tensor:
+    return t.detach()  # no reference cycle through a saved output (see saved_tensors_hooks)
+
+
+def _unpack(t: torch.Tensor) -> torch.Tensor:
+    return t
+
+
+def _saving_call(plan: Plan, i: int, branch: int, fn, params, x, kwargs):
+    """The memory-saving forward's branch call, in the caller's grad mode (see
+    :attr:`revfunc._plan.Plan.grad_mode`), inside the selective-saving forward context if
+    any. In grad mode it is recorded and its output returned detached, so the graph dies
+    with it, while a tensor the branch keeps (a cache) keeps its graph, as in plain
+    autograd. Outside ``torch.func`` transforms (which disable saved-tensor hooks) it runs
+    under identity saved-tensor hooks, so ``save_on_cpu`` and the caller's hooks never see
+    this transient graph, and a checkpoint around the model counts the same saved
+    tensors in its recomputation as in its forward. Its input requires grad, as the
+    stream does in plain autograd (a view of a leaf alias where the walk's own half does
+    not): an in-place write to it, or to a parameter, is refused by autograd there, and
+    re-raised naming the block and the branch."""
+    seed = plan.seed(i, branch)
+    if not plan.grad_mode:
+        if plan.contexts is None:
+            return call_branch(fn, params, x, kwargs, seed)
+        with plan.contexts.forward_context(i, branch):
+            return call_branch(fn, params, x, kwargs, seed)
+    hooks = torch.autograd.graph.saved_tensors_hooks(_keep, _unpack) \
+        if torch._C._autograd._saved_tensors_hooks_is_enabled() else contextlib.nullcontext()
+    with torch.enable_grad(), hooks:
+        if not x.requires_grad and torch._C._functorch.peek_interpreter_stack() is None:
+            x = x.detach().requires_grad_().view_as(x)  # as in plain autograd, where the stream requires grad
+        if plan.contexts is None:
+            out = call_branch(fn, params, x, kwargs, seed)
+        else:
+            with plan.contexts.forward_context(i, branch):
+                out = call_branch(fn, params, x, kwargs, seed)
+    return out.detach() if isinstance(out, torch.Tensor) else out
+
+
+# Autograd's refusals of an in-place write in grad mode: to the input (a view of the leaf
+# alias above) or to a parameter (a leaf).
+_INPLACE_INPUT = "a view of a leaf Variable that requires grad is being used in an in-place operation"
+_INPLACE_LEAF = "a leaf Variable that requires grad is being used in an in-place operation"
+
+
+def _written_leaf(plan: Plan, i: int, branch: int, fn, params, x, kwargs) -> str:
+    """Which parameter or keyword tensor the branch writes in place (the error path of a
+    write that autograd refused in grad mode): the branch is run once more on copies, under
+    no grad, and the copies' version counters tell. The caller's tensors are not touched."""
+    copies = {k: v.detach().clone() for k, v in params.items()}
+    kw = {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    watched = _watched(copies, x.detach().clone(), kw)
+    before = [t._version for _, _, t in watched]
+    try:
+        with torch.no_grad():
+            call_branch(fn, copies, watched[0][2], kw, plan.seed(i, branch))
+    except Exception:  # noqa: BLE001 - naming is best effort on an error path
+        pass
+    for (kind, name, t), version in zip(watched, before):
+        if t._version != version:
+            return label(kind, name)
+    return "a parameter or keyword tensor that requires grad"
 
 
 def _watched(params, x, kwargs):
@@ -187,9 +258,11 @@ def _func_vjp(plan, i, branch, b, tensors, slots, x, cotangent, partner):
     return rebuilt, dict(zip(slots, g_slots)), gx
 
 
-# Branch functions whose recomputation was checked once for closure-captured tensors
-# that require grad (weakly: the set keeps no function alive).
-_NO_CAPTURES: "weakref.WeakSet" = weakref.WeakSet()
+# Branch functions whose recomputation needs an engine call without ``inputs=``: a
+# reentrant ``torch.utils.checkpoint`` inside the branch refuses one (weakly: the set
+# keeps no function alive).
+_REENTRANT: "weakref.WeakSet" = weakref.WeakSet()
+_REENTRANT_ERROR = "torch.utils.checkpoint is incompatible with .grad()"
 
 
 def _autograd_vjp(plan, i, branch, b, tensors, slots, x, cotangent, partner, create_graph, captures):
@@ -205,7 +278,15 @@ def _autograd_vjp(plan, i, branch, b, tensors, slots, x, cotangent, partner, cre
     parameter) itself is differentiated through a view of it. With ``create_graph``
     the recomputation is recorded on differentiable aliases of the caller's tensors, so
     the results can be differentiated again (double backward, O(depth) memory).
+
+    A branch with a reentrant ``torch.utils.checkpoint`` inside refuses an engine call
+    that names its ``inputs``: it is then recomputed on fresh aliases of every input and
+    differentiated without ``inputs=``, reading the gradients off the aliases (see
+    :func:`_vjp_into_aliases`).
     """
+    fn = plan.blocks[i][branch]
+    if not create_graph and _is_reentrant(fn):
+        return _vjp_into_aliases(plan, i, branch, b, tensors, slots, x, cotangent, partner, captures)
     replaced = {}
     with torch.enable_grad():
         for j in slots:
@@ -223,51 +304,95 @@ def _autograd_vjp(plan, i, branch, b, tensors, slots, x, cotangent, partner, cre
             out = out.view_as(out)
         inputs = (xin, *(replaced.get(j, tensors[j]) for j in slots))
         del params, kwargs, replaced
-    fn = plan.blocks[i][branch]
-    if captures and not create_graph and out.grad_fn is not None and not _captures_checked(fn):
-        _check_captures(plan, i, branch, fn, out, inputs)
-    rebuilt = None if partner is None else partner.pop() - (out if create_graph else out.detach())
+    if captures and not create_graph and out.grad_fn is not None:
+        check_captures(plan, i, branch, fn, out, inputs)
     if cotangent.dtype != out.dtype:  # autocast: the branch ran in lower precision
         cotangent = cotangent.to(out.dtype)
     if out.grad_fn is None:  # nothing to differentiate (a branch that ignores its inputs)
+        rebuilt = None if partner is None else partner.pop() - out.detach()
         grads = (None,) * len(inputs)
     elif create_graph:
+        rebuilt = None if partner is None else partner.pop() - out
         grads = torch.autograd.grad(out, inputs, cotangent, create_graph=True, allow_unused=True)
     else:
         root = torch.autograd.graph.get_gradient_edge(out)
+        rebuilt = None if partner is None else partner.pop() - out.detach()
         del out
         # torch.autograd.grad without its per-call argument normalization (shapes and
         # dtypes match by construction): no retain/create graph, unused inputs give None.
-        grads = _engine_run_backward((root,), (cotangent,), False, False, inputs, True, False)
+        try:
+            grads = _engine_run_backward((root,), (cotangent,), False, False, inputs, True, False)
+        except RuntimeError as error:
+            if _REENTRANT_ERROR not in str(error):
+                raise
+            try:
+                _REENTRANT.add(fn)  # from now on directly
+            except TypeError:  # not weak-referenceable: found out again each call
+                pass
+            # This graph is spent: recompute on aliases.
+            del root, inputs
+            _, grads_by_slot, gx = _vjp_into_aliases(plan, i, branch, b, tensors, slots, x, cotangent, None, captures)
+            return rebuilt, grads_by_slot, gx
     gx = torch.zeros_like(x) if grads[0] is None else grads[0]
     return rebuilt, {j: g for j, g in zip(slots, grads[1:]) if g is not None}, gx
 
 
-def _captures_checked(fn) -> bool:
+def _is_reentrant(fn) -> bool:
     try:
-        return fn in _NO_CAPTURES
-    except TypeError:  # not weak-referenceable: checked every time
+        return fn in _REENTRANT
+    except TypeError:  # not weak-referenceable
         return False
 
 
-def _check_captures(plan, i, branch, fn, out, inputs) -> None:
+def _vjp_into_aliases(plan, i, branch, b, tensors, slots, x, cotangent, partner, captures):
+    """The vjp for a branch whose graph refuses ``inputs=`` (a reentrant checkpoint inside):
+    the branch is recomputed on fresh leaf aliases of its input and of every tensor it
+    differentiates, and the engine runs without ``inputs=``, accumulating into the
+    aliases' ``.grad`` only (the capture check first refuses any other leaf the graph
+    reaches), so the caller's ``.grad`` is never written."""
+    with torch.enable_grad():
+        replaced = {j: tensors[j].detach().requires_grad_() for j in slots}
+        xin = x.detach().requires_grad_()
+        params, kwargs = _bind_with(b, tensors, replaced)
+        out = replay(plan, i, branch, params, xin, kwargs)
+        inputs = (xin, *(replaced[j] for j in slots))
+        del params, kwargs, replaced
+    if captures and out.grad_fn is not None:
+        check_captures(plan, i, branch, plan.blocks[i][branch], out, inputs)
+    rebuilt = None if partner is None else partner.pop() - out.detach()
+    if cotangent.dtype != out.dtype:
+        cotangent = cotangent.to(out.dtype)
+    if out.grad_fn is not None:
+        root = torch.autograd.graph.get_gradient_edge(out)
+        del out
+        _engine_run_backward((root,), (cotangent,), False, False, (), True, True)
+    grads = [t.grad for t in inputs]
+    gx = torch.zeros_like(x) if grads[0] is None else grads[0]
+    return rebuilt, {j: g for j, g in zip(slots, grads[1:]) if g is not None}, gx
+
+
+def check_captures(plan, i, branch, fn, out, inputs) -> None:
     """Refuse a recomputation whose graph reaches a leaf that requires grad but is not one
     of the branch's inputs (a closure-captured ``nn.Parameter``): its gradient would be
-    silently lost. Checked once per branch function."""
-    known = {id(t) for t in inputs}
+    silently lost.
+
+    Checked on every call (a branch can reach a captured tensor for some inputs only, or
+    a tensor can start requiring grad later). Tensors are compared by their gradient
+    edge (the node their gradient flows into), never by Python identity: a saved-tensor
+    round trip (``save_on_cpu``, any ``saved_tensors_hooks``, a checkpoint around the
+    model) hands back new tensor objects that share the original's edge.
+    """
+    known = set()
+    for t in inputs:
+        if t.requires_grad:
+            known.add(torch.autograd.graph.get_gradient_edge(t).node)
     seen, stack = set(), [out.grad_fn]
     while stack:
         node = stack.pop()
-        if node is None or node in seen:
+        if node is None or node in seen or node in known:
             continue
         seen.add(node)
         variable = getattr(node, "variable", None)
-        if variable is not None:
-            if id(variable) not in known:
-                raise _checks.captured_tensor_error(plan.where, i, BRANCHES[branch], fn, variable)
-            continue
+        if variable is not None:  # an AccumulateGrad node that is not an input's
+            raise _checks.captured_tensor_error(plan.where, i, BRANCHES[branch], fn, variable)
         stack.extend(next_node for next_node, _ in node.next_functions)
-    try:
-        _NO_CAPTURES.add(fn)
-    except TypeError:  # not weak-referenceable: checked every time
-        pass

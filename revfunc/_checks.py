@@ -16,10 +16,25 @@ def msg(where: str, arg: str, expected: str, got: str, fix: str = "") -> str:
     return f"{text} {fix}" if fix else text
 
 
-def describe(value: Any) -> str:
+def describe(value: Any, depth: int = 0) -> str:
+    """What ``value`` is, for a message: shapes, dtypes and types, never tensor values
+    (also inside tuples, lists and dicts, which are described element by element)."""
     if isinstance(value, torch.Tensor):
         return f"Tensor(shape={tuple(value.shape)}, dtype={value.dtype}, device={value.device})"
+    if isinstance(value, (tuple, list, dict)):
+        items = list(value.items()) if isinstance(value, dict) else list(enumerate(value))
+        if depth >= 2:
+            return f"{type(value).__name__} of {len(items)} items"
+        parts = [describe(v, depth + 1) if isinstance(value, (tuple, list)) else f"{k!r}: {describe(v, depth + 1)}"
+                 for k, v in items[:4]]
+        more = f", ... ({len(items)} items)" if len(items) > 4 else ""
+        return f"{type(value).__name__}({', '.join(parts)}{more})"[:300]
     return f"{type(value).__name__} {value!r}"[:200]
+
+
+def plain_alternative(where: str) -> str:
+    """The plain-autograd twin of the path named ``where``, for a message's fix."""
+    return "revfunc.nn.SequentialSequence" if where.startswith("revfunc.nn") else "revfunc.sequential_sequence"
 
 
 def check_stream_pair(where: str, x1: Any, x2: Any, names=("x1", "x2")) -> None:
@@ -61,12 +76,22 @@ def check_blocks(where: str, blocks: Any, params: Any) -> None:
 
 
 def check_params_device(where: str, params: Any, device: torch.device) -> None:
+    from torch.nn.parameter import UninitializedTensorMixin
+
     for i, pair in enumerate(params):
         for branch, p in zip("fg", pair):
             for name, t in p.items():
                 if not isinstance(t, torch.Tensor):
                     raise TypeError(msg(where, f"params[{i}] ({branch}) {name!r}", "a torch.Tensor",
                                         describe(t)))
+                if isinstance(t, UninitializedTensorMixin):
+                    raise TypeError(msg(where, f"block {i} branch {branch} parameter {name!r}",
+                                        "an initialized tensor", "an uninitialized parameter of a lazy module "
+                                        "(nn.LazyLinear, nn.LazyConv2d, ...)",
+                                        "Lazy modules infer their shapes on their first call: call each branch "
+                                        "module once on an example input (module(x)) before revfunc.pure / "
+                                        "pure_blocks, or use revfunc.nn.ReversibleSequence, which does that "
+                                        "itself."))
                 if t.device != device:
                     raise ValueError(msg(where, f"params[{i}] ({branch}) {name!r}",
                                          f"a tensor on the input's device ({device})", f"{t.device}",
@@ -166,7 +191,7 @@ def mutation_error(where: str, index: int, branch: str, fn: Any, label: str) -> 
         "twice (BatchNorm running statistics, spectral_norm's power iteration) or would corrupt the stream "
         "and the caller's tensors (nn.ReLU(inplace=True), x.mul_()). Use out-of-place ops and stateless "
         "modules (LayerNorm/GroupNorm, track_running_stats=False), call .eval() for modules that only update "
-        "in training, or use revfunc.sequential_sequence.")
+        f"in training, or use {plain_alternative(where)}.")
 
 
 def rng_error(where: str, index: Optional[int], branch: Optional[str]) -> RuntimeError:
@@ -192,7 +217,7 @@ def captured_tensor_error(where: str, index: int, branch: str, fn: Any, tensor: 
         "module held in a plain Python list instead of an nn.ModuleList. The memory-saving backward returns "
         "gradients only for the tensors passed in params and kwargs, so this one would silently get none. "
         "Register it (nn.ModuleList, nn.Parameter attribute, register_parameter) or pass it in params or as a "
-        "routed keyword, or use revfunc.sequential_sequence. (Under torch.func transforms closed-over tensors "
+        f"routed keyword, or use {plain_alternative(where)}. (Under torch.func transforms closed-over tensors "
         "are constants by design.)")
 
 

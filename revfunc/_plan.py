@@ -59,6 +59,11 @@ class Plan:
         units: per block, the module whose call gathers and releases the block's
             parameters (an FSDP2 module: ``fully_shard`` on the block), or ``None``
             throughout; see :func:`revfunc._walk.gathered`.
+        grad_mode: the caller's grad mode. The memory-saving forward runs each branch in
+            it (recording, its output then detached), as the backward's recomputation
+            runs it with grad enabled and plain autograd in the caller's mode: a branch
+            that reads ``torch.is_grad_enabled()`` or caches a tensor derived from its
+            parameters sees what it would see in plain autograd. Off inside ``torch.compile``.
     """
 
     where: str
@@ -73,6 +78,7 @@ class Plan:
     residual: bool = False
     contexts: Any = None
     units: Optional[Tuple[Any, ...]] = None
+    grad_mode: bool = False
 
     def seed(self, index: int, branch: int) -> Optional[int]:
         return None if self.seeds is None else self.seeds[index][branch]
@@ -280,5 +286,6 @@ def make_plan(where, blocks, params, kwargs, generator, x1, x2=None, *, checkpoi
         residual=residual,
         contexts=SavedContexts(context_fn) if context_fn is not None and replay else None,
         units=units,
+        grad_mode=torch.is_grad_enabled() and not under_compile(),
     )
     return plan, tensors

@@ -170,8 +170,13 @@ def test_inplace_update_of_a_parameter_inside_a_branch_names_the_block():
     blocks, params = make_pure_stack(2)
     blocks = [blocks[0], (drifting, blocks[1][1])]
     x1, x2 = inputs((2, 5))
+    # Under grad mode autograd itself refuses an in-place write to a leaf that requires
+    # grad (as in plain autograd); revfunc names the block, the branch and the tensor.
     with pytest.raises(ValueError, match=r"block 1 branch f modified parameter/buffer 'w' in place"):
         revfunc.reversible_sequence(blocks, params, x1, x2)
+    with torch.no_grad():  # no backward can follow: no grad mode, so the version check names it
+        with pytest.raises(ValueError, match=r"block 1 branch f modified parameter/buffer 'w' in place"):
+            revfunc.reversible_sequence(blocks, params, x1, x2, check_reconstruction=True)
 
 
 # --- 4. model.eval() between forward and backward -------------------------------------
