@@ -163,3 +163,123 @@ def test_the_detached_reference_really_uses_the_detached_leaves():
     direct = _reference(list(layers), x, list(layers.parameters()))
     swapped = _reference(_with_params(layers, leaves), x, leaves)
     assert not torch.allclose(direct[0], swapped[0])
+
+
+# --- the branch edge cases that used to lose a gradient silently ----------------------
+
+
+def _plain_and_reversible(make_layers, x_seed=1):
+    """``(plain, revfunc)``: output and gradients (x, then every parameter) of the same
+    freshly built layers, in plain autograd and through ``revfunc.nn.ReversibleSequence``."""
+    results = []
+    for run in ("plain", "revfunc"):
+        layers = make_layers()
+        x = _x()
+        if run == "plain":
+            x1 = x2 = x
+            for f, g in layers:
+                x1 = x1 + f(x2)
+                x2 = x2 + g(x1)
+            y = x1 + x2
+        else:
+            y = rnn.ReversibleSequence(layers)(x)
+        leaves = [x, *layers.parameters()]
+        grads = torch.autograd.grad((y ** 2).sum(), leaves, allow_unused=True)
+        results.append((y.detach(), [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]))
+    return results
+
+
+class GradModeDependent(nn.Module):
+    """A branch whose output depends on ``torch.is_grad_enabled()`` (as fast paths do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(DIM, DIM).double()
+
+    def forward(self, x):
+        scale = 1.0 if torch.is_grad_enabled() else 0.5
+        return torch.tanh(self.lin(x)) * scale
+
+
+class CachesDerivedWeight(nn.Module):
+    """Caches a tensor derived from its parameter on its first call (then reuses it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(DIM, DIM).double()
+        self.cache = None
+
+    def forward(self, x):
+        if self.cache is None:
+            self.cache = self.lin.weight * 2
+        return torch.tanh(x @ self.cache.T + self.lin.bias)
+
+
+def _pairs(make_branch):
+    torch.manual_seed(0)
+    return nn.ModuleList(nn.ModuleList([make_branch(), make_branch()]) for _ in range(2))
+
+
+@pytest.mark.parametrize("branch", [GradModeDependent, CachesDerivedWeight])
+def test_a_branch_sees_plain_autograds_grad_mode_and_keeps_its_cache_graph(branch):
+    (y_plain, g_plain), (y_rev, g_rev) = _plain_and_reversible(lambda: _pairs(branch))
+    assert_all_close([y_rev], [y_plain], rtol=RTOL, atol=ATOL)
+    assert_all_close(g_rev, g_plain, rtol=RTOL, atol=ATOL)
+    assert all(g.abs().sum() > 0 for g in g_plain)  # every parameter gets a gradient
+
+
+def test_a_branch_in_no_grad_sees_no_grad_as_in_plain_autograd():
+    seen = []
+
+    def f(p, x):
+        seen.append(torch.is_grad_enabled())
+        return torch.tanh(x @ p["w"])
+
+    w = torch.eye(4, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 4, dtype=torch.float64)
+    with torch.no_grad():
+        revfunc.reversible_sequence([(f, f)], [({"w": w}, {"w": w})], x, x)
+    assert seen == [False, False]
+    seen.clear()
+    y1, y2 = revfunc.reversible_sequence([(f, f)], [({"w": w}, {"w": w})], x, x)
+    (y1.sum() + y2.sum()).backward()
+    assert seen == [True] * 4  # forward and recomputation alike
+
+
+def test_a_closure_captured_tensor_reached_on_a_later_call_is_refused_then():
+    captured = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
+    w = torch.eye(4, dtype=torch.float64, requires_grad=True)
+
+    def f(p, x):
+        out = x @ p["w"]
+        return out + x @ captured if x.sum() > 0 else out  # reaches `captured` for some inputs only
+
+    def g(p, x):
+        return torch.tanh(x @ p["w"])
+
+    blocks, params = [(f, g)], [({"w": w}, {"w": w})]
+    negative = -torch.ones(2, 4, dtype=torch.float64)
+    y1, y2 = revfunc.reversible_sequence(blocks, params, negative, negative)
+    (y1.sum() + y2.sum()).backward()  # nothing captured is reached: fine
+    positive = torch.ones(2, 4, dtype=torch.float64)
+    y1, y2 = revfunc.reversible_sequence(blocks, params, positive, positive)
+    with pytest.raises(RuntimeError, match=r"block 0 branch f .* uses a tensor that requires grad but was not "
+                                           r"passed to it \(shape \(4, 4\), dtype torch.float64\)"):
+        (y1.sum() + y2.sum()).backward()
+
+
+def test_a_closure_captured_tensor_that_starts_requiring_grad_is_refused_then():
+    captured = torch.randn(4, 4, dtype=torch.float64)
+    w = torch.eye(4, dtype=torch.float64, requires_grad=True)
+
+    def f(p, x):
+        return torch.tanh(x @ p["w"] + x @ captured)
+
+    blocks, params = [(f, f)], [({"w": w}, {"w": w})]
+    x = torch.randn(2, 4, dtype=torch.float64)
+    y1, y2 = revfunc.reversible_sequence(blocks, params, x, x)
+    (y1.sum() + y2.sum()).backward()  # a constant: fine
+    captured.requires_grad_()
+    y1, y2 = revfunc.reversible_sequence(blocks, params, x, x)
+    with pytest.raises(RuntimeError, match=r"block 0 branch g .* uses a tensor that requires grad but was not"):
+        (y1.sum() + y2.sum()).backward()
