@@ -155,8 +155,12 @@ def check_branch_output(where: str, out: Any, x: torch.Tensor, index: int, branc
     the stream (``x + out`` keeps ``x.dtype``; a lower-precision output under autocast is fine)."""
     if not isinstance(out, torch.Tensor) or out.shape != x.shape:
         got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else describe(out)
+        fix = "A reversible branch must preserve the shape."
+        if isinstance(out, (tuple, list)):
+            fix = ("A branch returns one tensor: wrap a module that returns several (nn.MultiheadAttention "
+                   "returns (output, weights)) and return the one shaped like its input.")
         raise ValueError(msg(where, branch_name(index, branch), f"an output shaped like its input "
-                             f"{tuple(x.shape)}", got, "A reversible branch must preserve the shape."))
+                             f"{tuple(x.shape)}", got, fix))
     if out.dtype != x.dtype and (not out.is_floating_point() or torch.promote_types(out.dtype, x.dtype) != x.dtype):
         raise TypeError(msg(where, branch_name(index, branch), f"a floating output no wider than its input's "
                             f"dtype {x.dtype}", f"dtype {out.dtype}",

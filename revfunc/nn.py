@@ -25,7 +25,7 @@ from revfunc._walk import Gathered
 from revfunc.functional import PureModule, registered_since, structure_generation
 from revfunc.random import accepts_generator
 from revfunc.routing import check_router, layer_drop, route_args
-from revfunc.sequence import apply_stack, reversible_inverse, reversible_sequence
+from revfunc.sequence import apply_inverse, apply_stack
 
 __all__ = ["ReversibleSequence", "SequentialSequence", "ReversibleBlock"]
 
@@ -42,6 +42,28 @@ def _reject_stateful(where: str, module: nn.Module, prefix: str) -> None:
                 "training forward, and the reversible backward re-runs forward, updating them twice. "
                 "Use LayerNorm/GroupNorm, or track_running_stats=False, or SequentialSequence."
             )
+
+
+def _has_lazy(module: nn.Module) -> bool:
+    """Whether ``module`` holds a lazy module (``nn.LazyLinear``, ...) not yet materialized."""
+    return any(isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()
+               for m in module.modules())
+
+
+def _materialize(where: str, blocks: Sequence["ReversibleBlock"], x1: torch.Tensor, x2: torch.Tensor,
+                 kwargs) -> None:
+    """Run ``blocks`` once in plain autograd under no grad, so that their lazy modules infer
+    their shapes (as a plain model's first call does), then settle each block's pure view
+    and refuse what the materialized modules turned out to be (a ``LazyBatchNorm``)."""
+    layers = [(_LiveModule(b.f.net), _LiveModule(b.g.net)) for b in blocks]
+    plan, tensors = make_plan(where, layers, [({}, {})] * len(layers), kwargs, None, x1, x2, replay=False,
+                              recomputes=False)
+    with torch.no_grad():
+        _walk.forward(plan, x1, x2, tensors)
+    for block in blocks:
+        _reject_stateful(where, block, "")
+        block._lazy = False
+        block.pure()
 
 
 def _dropout_rate(module: nn.Module) -> float:
@@ -116,6 +138,7 @@ class ReversibleBlock(nn.Module):
         self.f = _Branch(f)
         self.g = _Branch(g)
         self._pure = (PureModule(f), PureModule(g))
+        self._lazy = _has_lazy(self)  # lazy modules: materialized by the first forward
         self._generation = structure_generation()
         # (name, module) of the branches' dropout-like submodules, refreshed with the pure view.
         self._random_candidates = _random_submodules(self)
@@ -146,6 +169,7 @@ class ReversibleBlock(nn.Module):
                 _reject_stateful("revfunc.nn.ReversibleBlock", self, "")
                 self._pure = (PureModule(self.f.net), PureModule(self.g.net))
                 self._random_candidates = _random_submodules(self)
+                self._lazy = _has_lazy(self)
             self._generation = generation
         return self._pure, (self._pure[0].live_params(), self._pure[1].live_params())
 
@@ -174,9 +198,11 @@ class ReversibleBlock(nn.Module):
             # the two stream halves come in the next two places.
             return x(self.pure()[1], f_args, g_args)
         x1, x2 = self._split("revfunc.nn.ReversibleBlock", x)
+        if self.__dict__.get("_lazy"):
+            _materialize("revfunc.nn.ReversibleBlock", [self], x1, x2, [(f_args or {}, g_args or {})])
         fns, params = self.pure()
-        y1, y2 = reversible_sequence([fns], [params], x1, x2, kwargs=[(f_args or {}, g_args or {})],
-                                     generator=generator)
+        y1, y2 = apply_stack([fns], [params], x1, x2, kwargs=[(f_args or {}, g_args or {})], generator=generator,
+                             where="revfunc.nn.ReversibleBlock")
         return torch.cat([y1, y2], dim=-1)
 
     def inverse(self, y: torch.Tensor, f_args: Optional[Mapping[str, Any]] = None,
@@ -184,8 +210,8 @@ class ReversibleBlock(nn.Module):
         """``x`` with ``self(x) == y`` (give ``generator`` in the state ``forward`` got it)."""
         y1, y2 = self._split("revfunc.nn.ReversibleBlock.inverse", y)
         fns, params = self.pure()
-        x1, x2 = reversible_inverse([fns], [params], y1, y2, kwargs=[(f_args or {}, g_args or {})],
-                                    generator=generator)
+        x1, x2 = apply_inverse([fns], [params], y1, y2, kwargs=[(f_args or {}, g_args or {})], generator=generator,
+                               where="revfunc.nn.ReversibleBlock.inverse")
         return torch.cat([x1, x2], dim=-1)
 
 
@@ -238,6 +264,10 @@ class ReversibleSequence(nn.Module):
     every random op in the blocks (replayed exactly in backward); ``None`` draws one seed
     from the global RNG per call.
 
+    Lazy modules (``nn.LazyLinear``, ...) are materialized by the first ``forward``, which
+    runs the blocks once more in plain mode under no grad, as a plain model's first call
+    would infer their shapes.
+
     Shapes: (*, d) -> (*, d).
 
     Raises:
@@ -267,6 +297,8 @@ class ReversibleSequence(nn.Module):
         routed = route_args(self.args_route, kwargs, len(self.blocks))
         if len(self.blocks) == 0:  # the classic container returns the two halves' sum
             return x + x
+        if any(block.__dict__.get("_lazy") for block in self.blocks):
+            _materialize("revfunc.nn.ReversibleSequence", self.blocks, x, x, routed)
         keep = _kept_layers(self, len(self.blocks), generator)
         fns, params = zip(*(self.blocks[i].pure() for i in keep))  # also refreshes the candidates
         candidates = [c for i in keep for c in self.blocks[i].random_candidates()]
@@ -279,7 +311,7 @@ class ReversibleSequence(nn.Module):
         y1, y2 = apply_stack(list(fns), list(params), x, x.view_as(x), kwargs=[routed[i] for i in keep],
                              generator=generator, deterministic=deterministic,
                              context_fn=self.__dict__.get("context_fn"),  # absent on pickles before it
-                             units=_units(self.blocks, keep, params))
+                             units=_units(self.blocks, keep, params), where="revfunc.nn.ReversibleSequence")
         return y1 + y2
 
 

@@ -128,10 +128,11 @@ def reversible_sequence(
 
 
 def apply_stack(blocks, params, x1, x2, *, kwargs=None, generator=None, checkpoint_every=None,
-                check_reconstruction=None, higher_order=False, deterministic=False, context_fn=None, units=None):
-    """:func:`reversible_sequence`, plus ``units`` (:attr:`revfunc._plan.Plan.units`), which
-    ``revfunc.nn.ReversibleSequence`` passes for blocks sharded with FSDP2."""
-    where = "revfunc.reversible_sequence"
+                check_reconstruction=None, higher_order=False, deterministic=False, context_fn=None, units=None,
+                where="revfunc.reversible_sequence"):
+    """:func:`reversible_sequence`, plus what the nn adapter passes: ``units``
+    (:attr:`revfunc._plan.Plan.units`) for blocks sharded with FSDP2, and ``where``, the
+    public name that messages start with (the container's)."""
     validate(where, blocks, params, x1, x2, kwargs, generator)
     _checks.check_positive_int(where, "checkpoint_every", checkpoint_every)
     _checks.check_bool(where, "higher_order", higher_order)
@@ -275,7 +276,11 @@ def reversible_inverse(
     Pure: as :func:`reversible_sequence`.
     Differentiable in: y1, y2, params, floating kwargs tensors (plain autograd).
     """
-    where = "revfunc.reversible_inverse"
+    return apply_inverse(blocks, params, y1, y2, kwargs=kwargs, generator=generator)
+
+
+def apply_inverse(blocks, params, y1, y2, *, kwargs=None, generator=None, where="revfunc.reversible_inverse"):
+    """:func:`reversible_inverse`, with ``where`` as for :func:`apply_stack`."""
     validate(where, blocks, params, y1, y2, kwargs, generator, names=("y1", "y2"))
     plan, tensors = make_plan(where, blocks, params, kwargs, generator, y1, y2, replay=True, recomputes=False)
 

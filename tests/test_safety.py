@@ -343,3 +343,68 @@ def test_random_stacks_leave_inputs_rng_and_buffers_as_a_plain_forward(depth, se
     assert torch.equal(x1, before[0]) and torch.equal(x2, before[1])
     for (name, a), (_, b) in zip(layers.named_buffers(), reference.named_buffers()):
         assert torch.equal(a, b), name
+
+
+# --- messages through the nn adapter; lazy modules; outputs that are not one tensor ----
+
+
+class ReturnsAttentionTuple(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.att = nn.MultiheadAttention(4, 2, batch_first=True)
+
+    def forward(self, x):
+        return self.att(x, x, x)  # (output, weights)
+
+
+def test_a_branch_returning_a_tuple_is_named_with_shapes_never_values():
+    torch.manual_seed(0)
+    model = rnn.ReversibleSequence(nn.ModuleList([nn.ModuleList([ReturnsAttentionTuple(), nn.Linear(4, 4)])]))
+    x = torch.full((2, 3, 4), 0.123456)
+    with pytest.raises(ValueError, match=r"^revfunc.nn.ReversibleSequence: block 0 branch f expected an output "
+                                         r"shaped like its input \(2, 3, 4\), got tuple\(Tensor\(shape=\(2, 3, 4\), "
+                                         r"dtype=torch.float32, device=cpu\), Tensor\(shape=\(2, 3, 3\).*"
+                                         r"nn.MultiheadAttention returns \(output, weights\)") as error:
+        model(x)
+    assert "0.123" not in str(error.value) and "tensor(" not in str(error.value)
+
+
+def test_errors_through_the_adapter_name_the_container_and_its_plain_twin():
+    class Doubles(nn.Module):
+        def forward(self, x):
+            return x.mul_(2)
+
+    torch.manual_seed(0)
+    model = rnn.ReversibleSequence(nn.ModuleList([nn.ModuleList([nn.Linear(4, 4), Doubles()])]))
+    with pytest.raises(ValueError, match=r"^revfunc.nn.ReversibleSequence: block 0 branch g modified its input x "
+                                         r"in place.*or use revfunc.nn.SequentialSequence\.$"):
+        model(torch.randn(2, 4))
+    block = model.blocks[0]
+    with pytest.raises(ValueError, match=r"^revfunc.nn.ReversibleBlock: block 0 branch g modified its input x"):
+        block(torch.randn(2, 8))
+    with pytest.raises(ValueError, match=r"^revfunc.nn.ReversibleBlock.inverse: block 0 branch g modified"):
+        block.inverse(torch.randn(2, 8))
+
+
+def _lazy_layers(depth=2):
+    torch.manual_seed(0)
+    return nn.ModuleList(nn.ModuleList([nn.Sequential(nn.LazyLinear(4), nn.Tanh()), nn.LazyLinear(4)])
+                         for _ in range(depth)).double()
+
+
+def test_lazy_modules_are_materialized_by_the_first_forward_then_train_as_plain_autograd():
+    model = rnn.ReversibleSequence(_lazy_layers())
+    x = torch.randn(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    got, grads = adapter_grads(model, x)
+    assert all(not isinstance(p, nn.parameter.UninitializedParameter) for p in model.parameters())
+    want, want_grads = plain_model_grads(live_layers(model), x)
+    assert_all_close([got, *grads], [want, *want_grads], rtol=RTOL)
+
+
+def test_lazy_modules_on_the_functional_path_are_refused_with_the_fix():
+    blocks, params = revfunc.pure_blocks(_lazy_layers(1))
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.raises(TypeError, match=r"^revfunc.reversible_sequence: block 0 branch f parameter '0.weight' "
+                                        r"expected an initialized tensor, got an uninitialized parameter of a lazy "
+                                        r"module .*call each branch module once on an example input"):
+        revfunc.reversible_sequence(blocks, params, x, x)
