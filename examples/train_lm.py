@@ -272,6 +272,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     if world > 1:
         import torch.distributed as dist
 
+        dist.barrier()  # every rank's work is done before any rank tears its group down
         dist.destroy_process_group()
     return metrics
 

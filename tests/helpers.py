@@ -80,19 +80,16 @@ def saved_bytes(fn, exclude=()):
     return total[0], out
 
 
-def spawn_and_wait(fn, args, nprocs, limit_s, what):
-    """Run ``fn(rank, *args)`` in ``nprocs`` fresh processes; fail the test, killing them,
-    if they have not all finished within ``limit_s`` seconds."""
-    import time
-
+def spawn_and_wait(fn, args, nprocs, limit_s, what, init_file):
+    """Run ``fn(rank, *args)`` in ``nprocs`` fresh gloo workers (``init_gloo`` /
+    ``finish_gloo`` on ``init_file``); fail the test with every rank's exit code if one
+    fails before finishing its work, or if they have not all finished within ``limit_s``
+    seconds (they are killed then)."""
     import pytest
-    import torch.multiprocessing as mp
 
-    ctx = mp.start_processes(fn, args=args, nprocs=nprocs, join=False, start_method="spawn")
-    deadline = time.monotonic() + limit_s
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for process in ctx.processes:
-                process.kill()
-            pytest.fail(f"{what} did not finish within {limit_s} s")
+    from revfunc.bench.sharded import run_gloo_workers
 
+    try:
+        run_gloo_workers(fn, args, nprocs, init_file, limit_s, what)
+    except RuntimeError as error:
+        pytest.fail(str(error))

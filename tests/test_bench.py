@@ -134,3 +134,34 @@ def test_sharded_per_block_step_peak_is_flat_in_depth_while_root_only_grows():
     assert per_block[8]["step_peak_mib"] - per_block[2]["step_peak_mib"] < block_mib
     assert root_only[8]["step_peak_mib"] - root_only[2]["step_peak_mib"] > 6 * block_mib
     assert per_block[8]["state_mib"] == root_only[8]["state_mib"]
+
+
+def _harness_worker(rank, init_file, how):
+    import os
+
+    from revfunc.bench.sharded import finish_gloo, init_gloo
+
+    init_gloo(rank, 2, init_file, hang_s=60)
+    if how == "fails" and rank == 1:
+        raise ValueError("rank 1 fails before finishing")
+    if how == "aborts_after_work" and rank == 1:  # finish_gloo's steps, then an abort in teardown
+        import pathlib
+
+        import torch.distributed as dist
+
+        dist.barrier()
+        pathlib.Path(f"{init_file}.rank{rank}.done").touch()
+        os.abort()
+    finish_gloo(rank, init_file)
+
+
+def test_gloo_workers_report_a_failing_rank_and_accept_a_teardown_abort(tmp_path):
+    import pytest
+
+    from revfunc.bench.sharded import run_gloo_workers
+
+    run_gloo_workers(_harness_worker, (str(tmp_path / "a"), "aborts_after_work"), 2, str(tmp_path / "a"), 60, "w")
+    # Rank 0 fails too (its peer is gone at the barrier), or is killed once rank 1 has failed.
+    with pytest.raises(RuntimeError, match=r"^w: ranks \[(0, )?1\] failed before finishing their work; exit codes "
+                                           r"\[-?\d+, 1\]"):
+        run_gloo_workers(_harness_worker, (str(tmp_path / "b"), "fails"), 2, str(tmp_path / "b"), 60, "w")

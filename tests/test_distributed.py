@@ -18,7 +18,7 @@ from torch import nn
 from classic import CLASSIC
 import revfunc.nn as rnn
 from helpers import assert_all_close, spawn_and_wait
-from revfunc.bench.sharded import init_gloo, state_bytes
+from revfunc.bench.sharded import finish_gloo, init_gloo, state_bytes
 from revfunc.testing.blocks import transformer_layers
 
 WORLD, STEPS, DEPTH, DIM = 2, 3, 3, 8
@@ -276,15 +276,14 @@ def _worker(rank, out_dir, init_file):
     results["errors"] = _errors(rank)
     if rank == 0:
         torch.save(results, os.path.join(out_dir, "results.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)  # skip interpreter teardown: gloo's threads can stall it
+    finish_gloo(rank, init_file)
 
 
 @pytest.fixture(scope="module")
 def sharded():
     with tempfile.TemporaryDirectory() as tmp:
-        spawn_and_wait(_worker, (tmp, os.path.join(tmp, "init")), WORLD, 150, "FSDP2 workers")
+        init = os.path.join(tmp, "init")
+        spawn_and_wait(_worker, (tmp, init), WORLD, 150, "FSDP2 workers", init)
         return torch.load(os.path.join(tmp, "results.pt"), weights_only=False)
 
 

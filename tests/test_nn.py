@@ -12,7 +12,7 @@ import classic
 import revfunc
 import revfunc.nn as rnn
 from helpers import assert_all_close, spawn_and_wait
-from revfunc.bench.sharded import init_gloo
+from revfunc.bench.sharded import finish_gloo, init_gloo
 from revfunc.testing.blocks import transformer_layers
 
 CLASSIC = classic.CLASSIC
@@ -173,10 +173,7 @@ def _ddp_worker(rank, world, init_file, out_dir):
                                            "ready": ready}
     if rank == 0:
         torch.save(saved, os.path.join(out_dir, "grads.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
-    # Skip interpreter teardown: gloo's background threads can stall it after the work is done.
-    os._exit(0)
+    finish_gloo(rank, init_file)
 
 
 def _ddp_model():
@@ -195,7 +192,8 @@ def _ddp_batch():
 @pytest.fixture(scope="module")
 def ddp_runs():
     with tempfile.TemporaryDirectory() as tmp:
-        spawn_and_wait(_ddp_worker, (2, os.path.join(tmp, "init"), tmp), 2, 90, "DDP workers")
+        init = os.path.join(tmp, "init")
+        spawn_and_wait(_ddp_worker, (2, init, tmp), 2, 90, "DDP workers", init)
         return torch.load(os.path.join(tmp, "grads.pt"))
 
 

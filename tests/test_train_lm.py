@@ -41,7 +41,12 @@ def test_plain_reversible_and_fsdp_over_two_processes_log_the_same_losses(train_
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                           str(SCRIPT), "--shard", "fsdp", *TINY, "--out", str(tmp_path / "fsdp")],
                          capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
-    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    # gloo can abort a worker in interpreter teardown after the run has finished ("terminate
+    # called without an active exception", PyTorch #190489): the run itself must have
+    # completed (its last line printed, metrics written); anything else fails.
+    teardown_only = "terminate called without an active exception" in run.stderr and "done: val loss" in run.stdout \
+        and (tmp_path / "fsdp" / "metrics.json").exists()
+    assert run.returncode == 0 or teardown_only, run.stdout[-3000:] + run.stderr[-3000:]
     fsdp = json.loads((tmp_path / "fsdp" / "metrics.json").read_text())
     assert fsdp["world_size"] == 2 and fsdp["config"]["shard"] == "fsdp"
     assert plain["loss"][0] > plain["loss"][-1]  # it learns

@@ -65,6 +65,62 @@ def init_gloo(rank: int, world: int, init_file: str, hang_s: float = 60, timeout
                             timeout=timedelta(seconds=timeout_s))
 
 
+def finish_gloo(rank: int, init_file: str) -> None:
+    """A worker's clean end: wait for every rank, mark this rank's work as done, tear the
+    group down, and leave without interpreter teardown (gloo's threads can stall or abort
+    it after the work is done). The mark, written before any teardown, is what
+    :func:`run_gloo_workers` reads: a rank that dies after it has finished its work."""
+    import sys
+
+    import torch.distributed as dist
+
+    dist.barrier()
+    pathlib.Path(f"{init_file}.rank{rank}.done").touch()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    dist.destroy_process_group()
+    os._exit(0)
+
+
+def run_gloo_workers(fn, args: tuple, world: int, init_file: str, limit_s: float, what: str) -> None:
+    """Run ``fn(rank, *args)`` on ``world`` spawned processes that start with :func:`init_gloo`
+    on ``init_file`` and end with :func:`finish_gloo`, and wait for all of them.
+
+    Raises ``RuntimeError`` with every rank's exit code when one fails before it has
+    finished its work, or when they have not all finished within ``limit_s`` seconds (the
+    processes are killed then). A rank that exits with a signal after it has marked its
+    work done (gloo's teardown) is not a failure: its results are already written.
+    """
+    import time
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.start_processes(fn, args=args, nprocs=world, join=False, start_method="spawn")
+    deadline = time.monotonic() + limit_s
+    processes = ctx.processes
+    try:
+        while any(p.is_alive() for p in processes):
+            failed = [r for r, p in enumerate(processes) if p.exitcode not in (None, 0)
+                      and not pathlib.Path(f"{init_file}.rank{r}.done").exists()]
+            if failed:
+                time.sleep(1)  # let the others report too
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{what} did not finish within {limit_s:.0f} s; exit codes "
+                                   f"{[p.exitcode for p in processes]} (None: still running, killed now)")
+            time.sleep(0.1)
+        codes = [p.exitcode for p in processes]
+        unfinished = [r for r in range(world) if not pathlib.Path(f"{init_file}.rank{r}.done").exists()]
+        if unfinished:
+            raise RuntimeError(f"{what}: ranks {unfinished} failed before finishing their work; exit codes {codes} "
+                               "(negative: killed by that signal); their tracebacks are above")
+    finally:
+        for p in processes:
+            if p.is_alive():
+                p.kill()
+            p.join(5)
+
+
 def _worker(rank: int, world: int, init_file: str, out_dir: str, method: str, depths: List[int], dim: int,
             seq: int) -> None:
     import torch
@@ -115,23 +171,20 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, method: str, de
         model = wrapped = opt = None  # freed before the next depth
     if rank == 0:
         pathlib.Path(out_dir, "rows.json").write_text(json.dumps(rows))
-    dist.barrier()
-    dist.destroy_process_group()
-    os._exit(0)
+    finish_gloo(rank, init_file)
 
 
 def run_method(method: str, depths: List[int], dim: int, seq: int, world: int = 2) -> List[Dict]:
     """Rows for one method, measured in a fresh pair of processes."""
-    import torch.multiprocessing as mp
-
     from revfunc.bench.measure import WORKER_ENV
 
     saved = {k: os.environ.get(k) for k in WORKER_ENV}
     os.environ.update(WORKER_ENV)  # inherited by the spawned workers
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            mp.start_processes(_worker, args=(world, os.path.join(tmp, "init"), tmp, method, depths, dim, seq),
-                               nprocs=world, start_method="spawn")
+            init = os.path.join(tmp, "init")
+            run_gloo_workers(_worker, (world, init, tmp, method, depths, dim, seq), world, init, 1800,
+                             f"revfunc.bench.sharded ({method})")
             return json.loads(pathlib.Path(tmp, "rows.json").read_text())
     finally:
         for k, v in saved.items():
