@@ -33,7 +33,7 @@ from revfunc.testing.blocks import mlp_layers, transformer_layers
 
 FUNC_PATHS = ("func_grad", "grad_and_value", "vjp", "vmap_grad")
 TRAINING_PATHS = ("accumulate", "optimizer_in_backward")  # the wide, short case
-PATHS = ("backward", "autograd_grad", *FUNC_PATHS, *(p + "_live" for p in FUNC_PATHS), "compile_step",
+PATHS = ("backward", "backward_save_on_cpu", "autograd_grad", *FUNC_PATHS, *(p + "_live" for p in FUNC_PATHS), "compile_step",
          "compile_model_backward", "compile_func_grad", *TRAINING_PATHS)
 # compile_func_grad: torch.compile of torch.func.grad_and_value over reversible_sequence
 # itself. Dynamo drops the custom backward there (revfunc warns at trace time), so it is
@@ -88,7 +88,7 @@ def make_step(path: str, method: str, depth: int):
     seq = revfunc.reversible_sequence if method == "revfunc" else revfunc.sequential_sequence
     live = list(layers.parameters())
 
-    if path in ("backward", "autograd_grad", "compile_model_backward"):
+    if path in ("backward", "backward_save_on_cpu", "autograd_grad", "compile_model_backward"):
         model = (rnn.ReversibleSequence if method == "revfunc" else rnn.SequentialSequence)(layers)
         if path == "compile_model_backward":
             model = torch.compile(model)
@@ -99,6 +99,13 @@ def make_step(path: str, method: str, depth: int):
 
         if path == "autograd_grad":
             return (lambda: torch.autograd.grad(model(x).pow(2).mean(), live)), None
+        if path == "backward_save_on_cpu":  # activation offloading around the model
+            def offloaded():
+                with torch.autograd.graph.save_on_cpu():
+                    loss = model(x).pow(2).mean()
+                loss.backward()
+
+            return offloaded, preallocate
         if path == "compile_model_backward":
             # AOTAutograd compiles the whole backward into one node, which returns every
             # gradient at once for any method (plain too): measured from None gradients,
@@ -131,7 +138,7 @@ def make_step(path: str, method: str, depth: int):
         return step, None
     if base == "vmap_grad":
         per_sample = torch.func.vmap(torch.func.grad(lambda p, a, b: loss(p, a[None], b[None])), in_dims=(None, 0, 0))
-        return (lambda: per_sample(params, x[:2], x[:2])), None
+        return (lambda: per_sample(params, x, x)), None
     if path in ("compile_step", "compile_func_grad"):
         if method == "revfunc" and path == "compile_step":
             train_step = vjp_train_step(blocks, _head)

@@ -68,14 +68,19 @@ def activation_bytes(step: Callable, device: str = "cpu", prepare: Optional[Call
     """Activation peak of ``step()`` after one identical warm-up call (one-off costs such as
     thread pools and compilation are not activations): the peak above the level before,
     minus the bytes of what the step returns. ``prepare`` runs before each call (e.g.
-    pre-allocating gradients). Returns ``(activation bytes, returned bytes)``."""
+    pre-allocating gradients). Returns ``(activation bytes, returned bytes)``.
+
+    The warm-up's result is kept alive through the measured call: freed, its memory would
+    stay resident in the heap, the measured call's returned tensors would reuse it without
+    raising the peak, and subtracting them would under-count (figures below zero)."""
     if prepare:
         prepare()
-    step()
+    warm = step()
     if prepare:
         prepare()
     peak, out = peak_above(step, device)
     returned = tensor_bytes(out)
+    del warm
     return peak - returned, returned
 
 
