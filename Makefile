@@ -13,7 +13,7 @@ LOWEST_TESTS ?= tests/test_sequence.py tests/test_transforms.py tests/test_compo
 	tests/test_engine.py tests/test_handoff.py tests/test_selective.py \
 	tests/test_random.py tests/test_safety.py tests/test_memory.py tests/test_distributed.py
 
-.PHONY: bench test test-latest test-lowest venv venv-lowest clean
+.PHONY: bench test lint test-latest test-lowest venv venv-lowest clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,7 +36,13 @@ venv-lowest: $(VENV_LOWEST)/.installed
 bench: venv
 	$(PY) -m revfunc.bench $(ARGS)
 
-test: test-latest test-lowest
+test: lint test-latest test-lowest
+
+# Static checks first (seconds): ruff's lint rules and formatting, mypy on revfunc/.
+lint: venv
+	$(VENV)/bin/ruff check revfunc tests examples
+	$(VENV)/bin/ruff format --check revfunc tests examples
+	$(VENV)/bin/mypy
 
 test-latest: venv
 	$(PY) -m pytest $(ARGS)

@@ -57,11 +57,19 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shard", choices=["none", "ddp", "fsdp"], default="none",
-                   help="under torchrun: DDP, or FSDP2 with one unit per block (gloo on CPU, NCCL on CUDA)")
+    p.add_argument(
+        "--shard",
+        choices=["none", "ddp", "fsdp"],
+        default="none",
+        help="under torchrun: DDP, or FSDP2 with one unit per block (gloo on CPU, NCCL on CUDA)",
+    )
     p.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
-    p.add_argument("--amp", choices=["none", "bf16"], default="none",
-                   help="bf16: autocast (FSDP: bf16 parameters, float32 gradient reduction)")
+    p.add_argument(
+        "--amp",
+        choices=["none", "bf16"],
+        default="none",
+        help="bf16: autocast (FSDP: bf16 parameters, float32 gradient reduction)",
+    )
     p.add_argument("--data", nargs="+", default=None, help="text files or directories (default: the stdlib)")
     p.add_argument("--data-mb", type=float, default=8.0, help="read at most this much text (default 8 MB)")
     p.add_argument("--log-every", type=int, default=10)
@@ -91,13 +99,13 @@ def text_files(paths: Optional[List[str]]) -> List[pathlib.Path]:
 
 def load_bytes(paths: Optional[List[str]], max_mb: float) -> torch.Tensor:
     """The text as one uint8 tensor, files in sorted order, at most ``max_mb`` MB."""
-    chunks, size, limit = [], 0, int(max_mb * 2 ** 20)
+    chunks, size, limit = [], 0, int(max_mb * 2**20)
     for f in text_files(paths):
         try:
             data = f.read_bytes()
         except OSError:
             continue
-        chunks.append(data[:limit - size])
+        chunks.append(data[: limit - size])
         size += len(chunks[-1])
         if size >= limit:
             break
@@ -110,7 +118,7 @@ def global_batch(data: torch.Tensor, step: int, batch: int, seq: int, seed: int)
     """``(inputs, targets)`` of shape (batch, seq): the same on every rank for a step."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
     starts = torch.randint(0, len(data) - seq - 1, (batch,), generator=gen)
-    rows = torch.stack([data[s:s + seq + 1] for s in starts.tolist()]).long()
+    rows = torch.stack([data[s : s + seq + 1] for s in starts.tolist()]).long()
     return rows[:, :-1], rows[:, 1:]
 
 
@@ -155,8 +163,11 @@ class ByteLM(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(256, dim)
         layers = transformer_layers(depth, dim, heads=heads, causal=True)
-        self.stack = rnn.ReversibleSequence(layers) if method == "reversible" \
+        self.stack = (
+            rnn.ReversibleSequence(layers)
+            if method == "reversible"
             else PlainStack(layers, checkpointed=method == "checkpoint")
+        )
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, 256)
 
@@ -173,8 +184,10 @@ def setup_distributed(args):
     if args.shard == "none" and world > 1:
         raise SystemExit("train_lm.py: under torchrun pass --shard ddp or --shard fsdp")
     if args.shard != "none" and "RANK" not in os.environ:
-        raise SystemExit(f"train_lm.py: --shard {args.shard} runs under torchrun "
-                         f"(torchrun --nproc-per-node 2 examples/train_lm.py --shard {args.shard})")
+        raise SystemExit(
+            f"train_lm.py: --shard {args.shard} runs under torchrun "
+            f"(torchrun --nproc-per-node 2 examples/train_lm.py --shard {args.shard})"
+        )
     device = torch.device(args.device)
     if args.shard == "none":
         return 0, 1, device
@@ -185,8 +198,9 @@ def setup_distributed(args):
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     if args.batch % dist.get_world_size():
-        raise SystemExit(f"train_lm.py: --batch {args.batch} must be a multiple of the world size "
-                         f"{dist.get_world_size()}")
+        raise SystemExit(
+            f"train_lm.py: --batch {args.batch} must be a multiple of the world size {dist.get_world_size()}"
+        )
     return dist.get_rank(), dist.get_world_size(), device
 
 
@@ -200,8 +214,11 @@ def wrap(model: ByteLM, args, device: torch.device) -> nn.Module:
     if args.shard == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-            if args.amp == "bf16" else MixedPrecisionPolicy()
+        policy = (
+            MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+            if args.amp == "bf16"
+            else MixedPrecisionPolicy()
+        )
         for block in model.stack.blocks:
             fully_shard(block, mp_policy=policy)
         fully_shard(model, mp_policy=policy)
@@ -233,8 +250,10 @@ def main(argv: Optional[List[str]] = None) -> dict:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr)
     autocast = args.amp == "bf16" and args.shard != "fsdp"
     per_rank = args.batch // world
-    say(f"train_lm: {args.method}, depth {args.depth}, dim {args.dim}, seq {args.seq}, global batch {args.batch}, "
-        f"{world} process(es), shard {args.shard}, {device}; {len(train) / 2 ** 20:.1f} MB of text")
+    say(
+        f"train_lm: {args.method}, depth {args.depth}, dim {args.dim}, seq {args.seq}, global batch {args.batch}, "
+        f"{world} process(es), shard {args.shard}, {device}; {len(train) / 2**20:.1f} MB of text"
+    )
     losses: List[float] = []
     start = time.perf_counter()
     for step in range(args.steps):
@@ -256,16 +275,22 @@ def main(argv: Optional[List[str]] = None) -> dict:
         losses.append(float(mean))
         if step % args.log_every == 0 or step == args.steps - 1:
             seconds = time.perf_counter() - start
-            say(f"step {step:5d}  loss {losses[-1]:.4f}  {args.batch * args.seq * (step + 1) / seconds:9.0f} tok/s  "
-                f"peak {peak_memory_bytes(device) / 2 ** 20:.0f} MiB", flush=True)
+            say(
+                f"step {step:5d}  loss {losses[-1]:.4f}  {args.batch * args.seq * (step + 1) / seconds:9.0f} tok/s  "
+                f"peak {peak_memory_bytes(device) / 2**20:.0f} MiB",
+                flush=True,
+            )
     seconds = time.perf_counter() - start
     val_loss = evaluate(model, val, args, rank, world, per_rank, device, autocast)
     metrics = {
-        "loss": losses, "val_loss": val_loss, "tokens_per_s": args.batch * args.seq * args.steps / seconds,
-        "peak_memory_bytes": peak_memory_bytes(device), "world_size": world, "config": vars(args),
+        "loss": losses,
+        "val_loss": val_loss,
+        "tokens_per_s": args.batch * args.seq * args.steps / seconds,
+        "peak_memory_bytes": peak_memory_bytes(device),
+        "world_size": world,
+        "config": vars(args),
     }
-    say(f"done: val loss {val_loss:.4f} ({val_loss / math.log(2):.3f} bits/byte), "
-        f"{metrics['tokens_per_s']:.0f} tok/s")
+    say(f"done: val loss {val_loss:.4f} ({val_loss / math.log(2):.3f} bits/byte), {metrics['tokens_per_s']:.0f} tok/s")
     if rank == 0:
         write_outputs(pathlib.Path(args.out), metrics)
         say(f"wrote {args.out}/metrics.json and {args.out}/loss.png")
@@ -312,8 +337,10 @@ def write_outputs(out: pathlib.Path, metrics: dict) -> None:
     ax.plot(range(len(metrics["loss"])), metrics["loss"], lw=1)
     ax.set_xlabel("step")
     ax.set_ylabel("training loss (nats/byte)")
-    ax.set_title(f"byte LM, {cfg['method']}, depth {cfg['depth']}, dim {cfg['dim']}, seq {cfg['seq']}, "
-                 f"shard {cfg['shard']}", fontsize=9)
+    ax.set_title(
+        f"byte LM, {cfg['method']}, depth {cfg['depth']}, dim {cfg['dim']}, seq {cfg['seq']}, shard {cfg['shard']}",
+        fontsize=9,
+    )
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "loss.png", dpi=120)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import weakref
-from typing import Dict, List, Sequence
+from typing import Any, Dict, List, Sequence
 
 import torch
 from torch.autograd.graph import _engine_run_backward  # private, but stable from 2.11 to 2.13 (tested)
@@ -37,15 +37,23 @@ class Watch(enum.IntEnum):
     RNG = 3  #: ALL, plus the global RNG (the error path of a deterministic call)
 
 
-def call(plan: Plan, i: int, branch: int, x: torch.Tensor, tensors: Sequence[torch.Tensor],
-         watch: Watch = Watch.NONE, saving: bool = False) -> torch.Tensor:
+def call(
+    plan: Plan,
+    i: int,
+    branch: int,
+    x: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    watch: Watch = Watch.NONE,
+    saving: bool = False,
+) -> torch.Tensor:
     """Run block ``i``'s ``branch`` (0: f, 1: g) at ``x``; see the module docstring.
     ``saving``: the memory-saving forward, which runs the branch in the plan's
     selective-saving forward context (``context_fn``), if any, and in the caller's grad
     mode (see :func:`_saving_call`)."""
     fn = plan.blocks[i][branch]
     params, kwargs = bind(plan.binds[i][branch], tensors)
-    watched = before = rng_before = None
+    watched = rng_before = None
+    before: Any = None
     if watch >= Watch.ALL:
         watched = _watched(params, x, kwargs)
         before = [t._version for _, _, t in watched]
@@ -105,8 +113,11 @@ def _saving_call(plan: Plan, i: int, branch: int, fn, params, x, kwargs):
             return call_branch(fn, params, x, kwargs, seed)
         with plan.contexts.forward_context(i, branch):
             return call_branch(fn, params, x, kwargs, seed)
-    hooks = torch.autograd.graph.saved_tensors_hooks(_keep, _unpack) \
-        if torch._C._autograd._saved_tensors_hooks_is_enabled() else contextlib.nullcontext()
+    hooks = (
+        torch.autograd.graph.saved_tensors_hooks(_keep, _unpack)
+        if torch._C._autograd._saved_tensors_hooks_is_enabled()  # type: ignore[attr-defined]  # private, 2.11-2.13
+        else contextlib.nullcontext()
+    )
     with torch.enable_grad(), hooks:
         if not x.requires_grad and torch._C._functorch.peek_interpreter_stack() is None:
             x = x.detach().requires_grad_().view_as(x)  # as in plain autograd, where the stream requires grad
@@ -135,7 +146,7 @@ def _written_leaf(plan: Plan, i: int, branch: int, fn, params, x, kwargs) -> str
     try:
         with torch.no_grad():
             call_branch(fn, copies, watched[0][2], kw, plan.seed(i, branch))
-    except Exception:  # noqa: BLE001 - naming is best effort on an error path
+    except Exception:
         pass
     for (kind, name, t), version in zip(watched, before):
         if t._version != version:
@@ -215,8 +226,7 @@ def _bind_with(b: Bind, tensors: Sequence[torch.Tensor], replaced: Dict[int, tor
     return params, kwargs
 
 
-def vjp(plan: Plan, i: int, branch: int, tensors, needs, x, cotangent, mode: str, partner=None,
-        captures: bool = True):
+def vjp(plan: Plan, i: int, branch: int, tensors, needs, x, cotangent, mode: str, partner=None, captures: bool = True):
     """Recompute block ``i``'s ``branch`` at ``x``, rebuild the stream, take the vjp of ``cotangent``.
 
     ``mode``: ``"eager"`` (no graph recorded, no functorch level: ``autograd`` engine

@@ -20,7 +20,6 @@ from revfunc import _walk
 from revfunc._function import BlockFunction
 from revfunc._plan import Plan
 
-
 # The C-level Function.apply: torch.autograd.Function.apply adds a pytree pass that
 # unwraps dead torch.func wrappers (about 17 µs a block); this chain only runs with no
 # torch.func transform active.
@@ -67,7 +66,8 @@ def apply(plan: Plan, x1: torch.Tensor, x2: torch.Tensor, tensors) -> Tuple[torc
     return _walk.checked(plan, tensors, x1.device, run)
 
 
-def _node(plan: Plan, i: int, tensors, x1: torch.Tensor, x2: torch.Tensor, tape: Tape,
-          watch) -> Tuple[torch.Tensor, torch.Tensor]:
+def _node(
+    plan: Plan, i: int, tensors, x1: torch.Tensor, x2: torch.Tensor, tape: Tape, watch
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """Block ``i``'s node: its forward now, its backward when autograd reaches it."""
     return _apply(plan, tape, i, watch, x1, x2, *(tensors[j] for j in tape.positions[i]))

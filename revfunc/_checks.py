@@ -25,8 +25,10 @@ def describe(value: Any, depth: int = 0) -> str:
         items = list(value.items()) if isinstance(value, dict) else list(enumerate(value))
         if depth >= 2:
             return f"{type(value).__name__} of {len(items)} items"
-        parts = [describe(v, depth + 1) if isinstance(value, (tuple, list)) else f"{k!r}: {describe(v, depth + 1)}"
-                 for k, v in items[:4]]
+        parts = [
+            describe(v, depth + 1) if isinstance(value, (tuple, list)) else f"{k!r}: {describe(v, depth + 1)}"
+            for k, v in items[:4]
+        ]
         more = f", ... ({len(items)} items)" if len(items) > 4 else ""
         return f"{type(value).__name__}({', '.join(parts)}{more})"[:300]
     return f"{type(value).__name__} {value!r}"[:200]
@@ -43,16 +45,22 @@ def check_stream_pair(where: str, x1: Any, x2: Any, names=("x1", "x2")) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(msg(where, name, "a torch.Tensor", describe(x)))
         if not x.is_floating_point():
-            raise TypeError(msg(where, name, "a floating-point tensor", f"dtype={x.dtype}",
-                                "Cast it, e.g. x.float()."))
+            raise TypeError(msg(where, name, "a floating-point tensor", f"dtype={x.dtype}", "Cast it, e.g. x.float()."))
     a, b = names
     if x1.dtype != x2.dtype:
         raise TypeError(msg(where, b, f"the dtype of {a} ({x1.dtype})", f"{x2.dtype}"))
     if x1.device != x2.device:
         raise ValueError(msg(where, b, f"the device of {a} ({x1.device})", f"{x2.device}"))
     if x1.shape != x2.shape:
-        raise ValueError(msg(where, b, f"the shape of {a} {tuple(x1.shape)}", f"{tuple(x2.shape)}",
-                             "Additive coupling needs two halves of one shape."))
+        raise ValueError(
+            msg(
+                where,
+                b,
+                f"the shape of {a} {tuple(x1.shape)}",
+                f"{tuple(x2.shape)}",
+                "Additive coupling needs two halves of one shape.",
+            )
+        )
 
 
 def check_blocks(where: str, blocks: Any, params: Any) -> None:
@@ -64,52 +72,74 @@ def check_blocks(where: str, blocks: Any, params: Any) -> None:
     if len(blocks) == 0:
         raise ValueError(msg(where, "blocks", "at least one (f, g) pair", "an empty sequence"))
     if len(blocks) != len(params):
-        raise ValueError(msg(where, "params", f"one (f_params, g_params) pair per block ({len(blocks)})",
-                             f"{len(params)} pairs"))
+        raise ValueError(
+            msg(where, "params", f"one (f_params, g_params) pair per block ({len(blocks)})", f"{len(params)} pairs")
+        )
     for i, (block, pair) in enumerate(zip(blocks, params)):
         if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(map(callable, block))):
             raise TypeError(msg(where, f"blocks[{i}]", "a pair (f, g) of callables", describe(block)))
-        if not (isinstance(pair, (list, tuple)) and len(pair) == 2
-                and all(isinstance(p, Mapping) for p in pair)):
-            raise TypeError(msg(where, f"params[{i}]", "a pair (f_params, g_params) of dicts",
-                                describe(pair)))
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(p, Mapping) for p in pair)):
+            raise TypeError(msg(where, f"params[{i}]", "a pair (f_params, g_params) of dicts", describe(pair)))
 
 
 def check_params_device(where: str, params: Any, device: torch.device) -> None:
-    from torch.nn.parameter import UninitializedTensorMixin
+    from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]  # not in __all__
 
     for i, pair in enumerate(params):
         for branch, p in zip("fg", pair):
             for name, t in p.items():
                 if not isinstance(t, torch.Tensor):
-                    raise TypeError(msg(where, f"params[{i}] ({branch}) {name!r}", "a torch.Tensor",
-                                        describe(t)))
+                    raise TypeError(msg(where, f"params[{i}] ({branch}) {name!r}", "a torch.Tensor", describe(t)))
                 if isinstance(t, UninitializedTensorMixin):
-                    raise TypeError(msg(where, f"block {i} branch {branch} parameter {name!r}",
-                                        "an initialized tensor", "an uninitialized parameter of a lazy module "
-                                        "(nn.LazyLinear, nn.LazyConv2d, ...)",
-                                        "Lazy modules infer their shapes on their first call: call each branch "
-                                        "module once on an example input (module(x)) before revfunc.pure / "
-                                        "pure_blocks, or use revfunc.nn.ReversibleSequence, which does that "
-                                        "itself."))
+                    raise TypeError(
+                        msg(
+                            where,
+                            f"block {i} branch {branch} parameter {name!r}",
+                            "an initialized tensor",
+                            "an uninitialized parameter of a lazy module (nn.LazyLinear, nn.LazyConv2d, ...)",
+                            "Lazy modules infer their shapes on their first call: call each branch "
+                            "module once on an example input (module(x)) before revfunc.pure / "
+                            "pure_blocks, or use revfunc.nn.ReversibleSequence, which does that "
+                            "itself.",
+                        )
+                    )
                 if t.device != device:
-                    raise ValueError(msg(where, f"params[{i}] ({branch}) {name!r}",
-                                         f"a tensor on the input's device ({device})", f"{t.device}",
-                                         "Move the module or the input with .to()."))
+                    raise ValueError(
+                        msg(
+                            where,
+                            f"params[{i}] ({branch}) {name!r}",
+                            f"a tensor on the input's device ({device})",
+                            f"{t.device}",
+                            "Move the module or the input with .to().",
+                        )
+                    )
 
 
 def check_kwargs(where: str, kwargs: Any, depth: int) -> None:
     if kwargs is None:
         return
     if not isinstance(kwargs, (list, tuple)):
-        raise TypeError(msg(where, "kwargs", "None or a list of (f_kwargs, g_kwargs) pairs",
-                            describe(kwargs), "Build it with revfunc.route_args."))
+        raise TypeError(
+            msg(
+                where,
+                "kwargs",
+                "None or a list of (f_kwargs, g_kwargs) pairs",
+                describe(kwargs),
+                "Build it with revfunc.route_args.",
+            )
+        )
     if len(kwargs) != depth:
-        raise ValueError(msg(where, "kwargs", f"one (f_kwargs, g_kwargs) pair per block ({depth})",
-                             f"{len(kwargs)} pairs", "Build it with revfunc.route_args."))
+        raise ValueError(
+            msg(
+                where,
+                "kwargs",
+                f"one (f_kwargs, g_kwargs) pair per block ({depth})",
+                f"{len(kwargs)} pairs",
+                "Build it with revfunc.route_args.",
+            )
+        )
     for i, pair in enumerate(kwargs):
-        if not (isinstance(pair, (list, tuple)) and len(pair) == 2
-                and all(isinstance(k, Mapping) for k in pair)):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(k, Mapping) for k in pair)):
             raise TypeError(msg(where, f"kwargs[{i}]", "a pair (f_kwargs, g_kwargs) of dicts", describe(pair)))
 
 
@@ -119,20 +149,26 @@ def check_generator(where: str, generator: Optional[torch.Generator], device: to
     if not isinstance(generator, torch.Generator):
         raise TypeError(msg(where, "generator", "None or a torch.Generator", describe(generator)))
     if generator.device.type != device.type:
-        raise ValueError(msg(where, "generator", f"a torch.Generator on the input's device ({device})",
-                             f"a generator on {generator.device}",
-                             f"Create it with torch.Generator(device={str(device)!r})."))
+        raise ValueError(
+            msg(
+                where,
+                "generator",
+                f"a torch.Generator on the input's device ({device})",
+                f"a generator on {generator.device}",
+                f"Create it with torch.Generator(device={str(device)!r}).",
+            )
+        )
 
 
 def check_positive_int(where: str, arg: str, value: Any, allow_none: bool = True) -> None:
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(msg(where, arg, "None or a positive int" if allow_none else "a positive int",
-                             describe(value)))
+        raise ValueError(msg(where, arg, "None or a positive int" if allow_none else "a positive int", describe(value)))
 
 
 # Messages of the engine's per-branch checks (raised by revfunc._branch and revfunc._walk).
+
 
 def check_bool(where: str, arg: str, value: Any) -> None:
     if not isinstance(value, bool):
@@ -142,8 +178,14 @@ def check_bool(where: str, arg: str, value: Any) -> None:
 def check_context_fn_type(where: str, context_fn: Any) -> None:
     """``context_fn``: ``None`` or a callable (as in ``torch.utils.checkpoint``)."""
     if context_fn is not None and not callable(context_fn):
-        raise TypeError(msg(where, "context_fn", "None or a callable returning two context managers "
-                            "(e.g. revfunc.selective.save_attention)", describe(context_fn)))
+        raise TypeError(
+            msg(
+                where,
+                "context_fn",
+                "None or a callable returning two context managers (e.g. revfunc.selective.save_attention)",
+                describe(context_fn),
+            )
+        )
 
 
 def branch_name(index: int, branch: str) -> str:
@@ -157,16 +199,23 @@ def check_branch_output(where: str, out: Any, x: torch.Tensor, index: int, branc
         got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else describe(out)
         fix = "A reversible branch must preserve the shape."
         if isinstance(out, (tuple, list)):
-            fix = ("A branch returns one tensor: wrap a module that returns several (nn.MultiheadAttention "
-                   "returns (output, weights)) and return the one shaped like its input.")
-        raise ValueError(msg(where, branch_name(index, branch), f"an output shaped like its input "
-                             f"{tuple(x.shape)}", got, fix))
+            fix = (
+                "A branch returns one tensor: wrap a module that returns several (nn.MultiheadAttention "
+                "returns (output, weights)) and return the one shaped like its input."
+            )
+        raise ValueError(
+            msg(where, branch_name(index, branch), f"an output shaped like its input {tuple(x.shape)}", got, fix)
+        )
     if out.dtype != x.dtype and (not out.is_floating_point() or torch.promote_types(out.dtype, x.dtype) != x.dtype):
-        raise TypeError(msg(where, branch_name(index, branch), f"a floating output no wider than its input's "
-                            f"dtype {x.dtype}", f"dtype {out.dtype}",
-                            "The stream x + f(x) would change dtype: cast the branch output (out.to(x.dtype))."))
-
-
+        raise TypeError(
+            msg(
+                where,
+                branch_name(index, branch),
+                f"a floating output no wider than its input's dtype {x.dtype}",
+                f"dtype {out.dtype}",
+                "The stream x + f(x) would change dtype: cast the branch output (out.to(x.dtype)).",
+            )
+        )
 
 
 def branch_type_error(where: str, index: int, branch: str, fn: Any, error: TypeError) -> TypeError:
@@ -195,22 +244,27 @@ def mutation_error(where: str, index: int, branch: str, fn: Any, label: str) -> 
         "twice (BatchNorm running statistics, spectral_norm's power iteration) or would corrupt the stream "
         "and the caller's tensors (nn.ReLU(inplace=True), x.mul_()). Use out-of-place ops and stateless "
         "modules (LayerNorm/GroupNorm, track_running_stats=False), call .eval() for modules that only update "
-        f"in training, or use {plain_alternative(where)}.")
+        f"in training, or use {plain_alternative(where)}."
+    )
 
 
 def rng_error(where: str, index: Optional[int], branch: Optional[str]) -> RuntimeError:
-    who = "a branch" if index is None else branch_name(index, branch)
+    who = "a branch" if index is None or branch is None else branch_name(index, branch)
     return RuntimeError(
         f"{where}: {who} drew random numbers from the global RNG, but the call was "
         "declared deterministic (deterministic=True, or revfunc.nn.ReversibleSequence, which found no active "
         "dropout-like submodule: eval mode, or none with p > 0), so the backward could not replay them. Pass "
-        "generator=torch.Generator() (to forward, or to reversible_sequence), or deterministic=False.")
+        "generator=torch.Generator() (to forward, or to reversible_sequence), or deterministic=False."
+    )
 
 
 def recomputation_error(where: str, index: int, branch: str, error: Exception, selective: bool = False) -> RuntimeError:
-    hint = (" (With context_fn, the recomputation must run the same ops as the forward did: a branch whose op "
-            "sequence depends on state that changed between forward and backward cannot use selective saving.)"
-            if selective else "")
+    hint = (
+        " (With context_fn, the recomputation must run the same ops as the forward did: a branch whose op "
+        "sequence depends on state that changed between forward and backward cannot use selective saving.)"
+        if selective
+        else ""
+    )
     return RuntimeError(f"{where}: {branch_name(index, branch)} failed in the backward recomputation: {error}{hint}")
 
 
@@ -222,7 +276,8 @@ def captured_tensor_error(where: str, index: int, branch: str, fn: Any, tensor: 
         "gradients only for the tensors passed in params and kwargs, so this one would silently get none. "
         "Register it (nn.ModuleList, nn.Parameter attribute, register_parameter) or pass it in params or as a "
         f"routed keyword, or use {plain_alternative(where)}. (Under torch.func transforms closed-over tensors "
-        "are constants by design.)")
+        "are constants by design.)"
+    )
 
 
 def hooks_warning(where: str, index: int, branch: str, name: str, module: Any) -> str:
@@ -231,7 +286,8 @@ def hooks_warning(where: str, index: int, branch: str, name: str, module: Any) -
         f"({type(module).__name__}). The backward recomputes the branch, so they fire twice per training step "
         "(in forward and in the recomputation), and tensors they (or the forward) capture, such as an auxiliary "
         "loss stored on the module, carry no autograd graph: a loss built on them contributes no gradient. Use "
-        "revfunc.sequential_sequence / revfunc.nn.SequentialSequence for such modules. (Warned once per module.)")
+        "revfunc.sequential_sequence / revfunc.nn.SequentialSequence for such modules. (Warned once per module.)"
+    )
 
 
 def compiled_transform_warning(where: str) -> str:
@@ -239,7 +295,8 @@ def compiled_transform_warning(where: str) -> str:
         f"{where}: traced by torch.compile inside a torch.func gradient transform. Dynamo inlines the "
         "memory-saving Function's forward and drops its backward there (PyTorch issue #193279), so this "
         "compiled step stores every block's activations (O(depth) memory), like plain autograd. Compile a step "
-        "written with revfunc.reversible_vjp instead: it keeps activation memory constant in depth.")
+        "written with revfunc.reversible_vjp instead: it keeps activation memory constant in depth."
+    )
 
 
 def sharded_blocks_error(higher_order: bool) -> RuntimeError:
@@ -248,4 +305,5 @@ def sharded_blocks_error(higher_order: bool) -> RuntimeError:
         f"revfunc.nn.ReversibleSequence: blocks sharded with FSDP2 (fully_shard on each block) cannot run {inside}: "
         "each block must run inside its own module call, where FSDP2 gathers and releases its parameters, and "
         "these paths run the whole stack in one autograd Function. Use loss.backward() or torch.autograd.grad, "
-        "or shard the root only (fully_shard(model)); see docs/distributed.md.")
+        "or shard the root only (fully_shard(model)); see docs/distributed.md."
+    )

@@ -32,8 +32,12 @@ from typing import Any, Dict
 import torch
 
 from revfunc import _branch, _walk
-from revfunc._levels import backward_after_transform, backward_one_level_down, current_grad_interpreter, \
-    from_exited_transform
+from revfunc._levels import (
+    backward_after_transform,
+    backward_one_level_down,
+    current_grad_interpreter,
+    from_exited_transform,
+)
 
 
 class _ReversibleBase(torch.autograd.Function):
@@ -83,7 +87,7 @@ def _function_name(n_tensors: int) -> str:
 
 # What torch.compiler.assume_constant_result does (on torch 2.11 and 2.13), without
 # importing torch._dynamo when revfunc is imported (about 2 s).
-_function_name._dynamo_marked_constant = True
+_function_name._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 class ReversibleSequenceFunction(_ReversibleBase):
@@ -157,16 +161,31 @@ class BlockFunction(torch.autograd.Function):
         view = dict(zip(position, saved[:n]))  # {flat slot: tensor}
         needs = dict(zip(position, ctx.needs_input_grad[6:]))  # after the 6 leading arguments
         last = i == len(plan.blocks) - 1
-        boundary_input = saved[n:n + 2] if not last and i in plan.boundaries else None
-        y1, y2 = saved[n:n + 2] if last else tape.take(i)
+        boundary_input = saved[n : n + 2] if not last and i in plan.boundaries else None
+        y1, y2 = saved[n : n + 2] if last else tape.take(i)
         rebuild = ctx.needs_input_grad[4] or ctx.needs_input_grad[5]
-        x1, x2, dx1, dx2, grads = _walk.block_backward(plan, i, [y1, y2, dy1, dy2], view, needs, _walk.backward_mode(),
-                                                       boundary_input=boundary_input, rebuild=i > 0 and rebuild)
+        x1, x2, dx1, dx2, grads = _walk.block_backward(
+            plan,
+            i,
+            [y1, y2, dy1, dy2],
+            view,
+            needs,
+            _walk.backward_mode(),
+            boundary_input=boundary_input,
+            rebuild=i > 0 and rebuild,
+        )
         if i > 0 and rebuild:
             tape.put(i - 1, x1, x2)
         x1 = x2 = None
         out = [None] * n
         for j, g in grads.items():
             out[position[j]] = g
-        return (None, None, None, None, dx1 if ctx.needs_input_grad[4] else None,
-                dx2 if ctx.needs_input_grad[5] else None, *out)
+        return (
+            None,
+            None,
+            None,
+            None,
+            dx1 if ctx.needs_input_grad[4] else None,
+            dx2 if ctx.needs_input_grad[5] else None,
+            *out,
+        )

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 
-
 SAME_LEVEL = (
     "{where}: the gradient it returned is being differentiated again at the same torch.func level "
     "(e.g. torch.autograd.grad(..., create_graph=True) inside torch.func.grad, then a second gradient "
@@ -65,7 +64,7 @@ def _guard_at_level(level: int, results, anchors, message: str):
             raise RuntimeError(message)
 
     with enable_single_level_autograd_function():
-        return NotTwiceAtThisLevel.apply(*results, *anchors)
+        return NotTwiceAtThisLevel.apply(*results, *anchors)  # type: ignore[attr-defined]  # private base class
 
 
 class _NotTwiceAtBase(torch.autograd.Function):

@@ -22,7 +22,7 @@ from revfunc import _checks
 from revfunc.random import derive_seed, draw_base_seed
 from revfunc.selective import SavedContexts
 
-_NO_KWARGS = ({}, {})
+_NO_KWARGS: Tuple[Dict[str, Any], Dict[str, Any]] = ({}, {})
 BRANCHES = ("f", "g")
 
 
@@ -163,12 +163,14 @@ def flatten(blocks, params, kwargs, dedupe=True) -> Tuple[List[torch.Tensor], Tu
             tensors.append(t)
         return j
 
-    binds = []
+    binds: List[Any] = []
     for pair, kw in zip(params, kwargs if kwargs is not None else itertools.repeat(_NO_KWARGS)):
         block_binds = []
         for p, k in zip(pair, kw):
             param_slots = tuple((name, slot(t)) for name, t in p.items())
-            diff, other, static = [], [], {}
+            diff: List[Tuple[str, int]] = []
+            other: List[Tuple[str, int]] = []
+            static: Dict[str, Any] = {}
             for name, v in k.items():
                 if isinstance(v, torch.Tensor):
                     (diff if v.is_floating_point() else other).append((name, slot(v)))
@@ -222,9 +224,9 @@ def _modes(where: str, blocks, warn_hooks: bool):
     if under_compile():
         return None
     global_hooks = bool(torch.nn.modules.module._global_forward_hooks)
-    modes = []
+    modes: List[Any] = []
     for i, pair in enumerate(blocks):
-        block = []
+        block: List[Any] = []
         for branch, fn in enumerate(pair):
             modules = getattr(fn, "submodules", None)
             if modules is None:
@@ -244,14 +246,32 @@ def _warn_hooks(where: str, index: int, branch: str, fn) -> None:
         hooked = module._forward_hooks or torch.nn.modules.module._global_forward_hooks
         if hooked and module not in _WARNED_HOOKS:
             _WARNED_HOOKS.add(module)
-            warnings.warn(_checks.hooks_warning(where, index, branch, name or "<root>", module), UserWarning,
-                          stacklevel=5)
+            warnings.warn(
+                _checks.hooks_warning(where, index, branch, name or "<root>", module), UserWarning, stacklevel=5
+            )
             return
 
 
-def make_plan(where, blocks, params, kwargs, generator, x1, x2=None, *, checkpoint_every=None,
-              reverse_mode_only=False, higher_order=False, dedupe=True, replay=None, deterministic=False,
-              recomputes=True, residual=False, context_fn=None, units=None) -> Tuple[Plan, List[torch.Tensor]]:
+def make_plan(
+    where,
+    blocks,
+    params,
+    kwargs,
+    generator,
+    x1,
+    x2=None,
+    *,
+    checkpoint_every=None,
+    reverse_mode_only=False,
+    higher_order=False,
+    dedupe=True,
+    replay=None,
+    deterministic=False,
+    recomputes=True,
+    residual=False,
+    context_fn=None,
+    units=None,
+) -> Tuple[Plan, List[torch.Tensor]]:
     """Flatten the call's tensors and fix its seeds and autocast state in a :class:`Plan`.
 
     ``replay``: whether the call's random numbers must be replayable (``None``: when

@@ -18,7 +18,7 @@ Every branch is called through ``revfunc._branch``.
 
 from __future__ import annotations
 
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, TypeVar
 
 import torch
 
@@ -29,8 +29,15 @@ from revfunc._plan import Overlay, Plan
 T = TypeVar("T")
 
 
-def forward(plan: Plan, x1: torch.Tensor, x2: Optional[torch.Tensor], tensors: Sequence[torch.Tensor],
-            watch: Watch = Watch.NONE, inputs: Optional[list] = None, saving: bool = False):
+def forward(
+    plan: Plan,
+    x1: torch.Tensor,
+    x2: Any,
+    tensors: Sequence[torch.Tensor],
+    watch: Watch = Watch.NONE,
+    inputs: Optional[list] = None,
+    saving: bool = False,
+):
     """The stack's forward: ``x1 <- x1 + f_i(x2); x2 <- x2 + g_i(x1)`` for each block
     (residual plans: ``x1 <- x1 + f_i(x1); x1 <- x1 + g_i(x1)``, ``x2`` is ``None``).
 
@@ -92,16 +99,21 @@ class Gathered:
         self.step, self.plan, self.index, self.tensors, self.args = step, plan, index, tensors, args
 
     def __call__(self, live, x1: torch.Tensor, x2: torch.Tensor):
-        plan, i, units = self.plan, self.index, self.plan.units
+        plan, i, units = self.plan, self.index, self.plan.units or ()
         if i + 1 < len(units) and units[i + 1] is not None:
             units[i + 1].unshard(async_op=True)  # prefetch: the unit's pre-forward waits for it
         view = Overlay(self.tensors, plan.binds[i], live)
         return self.step(plan, i, view, x1, x2, *self.args)
 
 
-def inverse(plan: Plan, y1: torch.Tensor, y2: torch.Tensor, tensors: Sequence[torch.Tensor],
-            watch: Watch = Watch.NONE, boundary_states=None
-            ) -> Iterator[Tuple[int, torch.Tensor, torch.Tensor]]:
+def inverse(
+    plan: Plan,
+    y1: torch.Tensor,
+    y2: torch.Tensor,
+    tensors: Sequence[torch.Tensor],
+    watch: Watch = Watch.NONE,
+    boundary_states=None,
+) -> Iterator[Tuple[int, torch.Tensor, torch.Tensor]]:
     """Yield ``(i, x1, x2)``, block ``i``'s input rebuilt from its output, from the last
     block down: ``x2 = y2 - g_i(y1); x1 = y1 - f_i(x2)``. ``boundary_states``: ``{j: (x1, x2)}``
     true states to restart from at ``j`` (``boundaries``), as the backward does.
@@ -145,26 +157,31 @@ def checked(plan: Plan, tensors: Sequence[torch.Tensor], device: torch.device, r
 def reversible_forward(plan: Plan, x1: torch.Tensor, x2: torch.Tensor, tensors) -> Tuple[torch.Tensor, ...]:
     """The memory-saving forward (the Function's, and :func:`revfunc.reversible_vjp`'s):
     ``(y1, y2, *kept)``, nothing recorded, its checks hoisted around the walk."""
-    y1, y2, kept = checked(plan, tensors, x1.device, lambda watch: forward(plan, x1, x2, tensors, watch,
-                                                                            saving=True))
+    y1, y2, kept = checked(plan, tensors, x1.device, lambda watch: forward(plan, x1, x2, tensors, watch, saving=True))
     return (y1, y2, *kept)
 
 
-def rebuilt_inputs(plan: Plan, x1, x2, tensors) -> List[Tuple[int, Tuple[torch.Tensor, torch.Tensor],
-                                                                Tuple[torch.Tensor, torch.Tensor]]]:
+def rebuilt_inputs(
+    plan: Plan, x1, x2, tensors
+) -> List[Tuple[int, Tuple[torch.Tensor, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]]:
     """``[(i, (x1', x2'), (x1, x2))]`` from the last block down: block i's input as the
     memory-saving backward rebuilds it, and as a plain forward computed it (no grad).
     At ``plan.boundaries`` states the rebuild restarts from the true stream, as in backward."""
 
     inputs: list = []
+
+    def recorded(watch):
+        inputs.clear()  # a replay (the RNG check's error path) records afresh
+        return forward(plan, x1, x2, tensors, watch, inputs)
+
     with torch.no_grad():
         # Checked one direction at a time: a stateful branch is refused after the
         # forward has updated it once, as one plain forward would.
-        y1, y2, _ = checked(plan, tensors, x1.device, lambda watch: forward(plan, x1, x2, tensors, watch,
-                                                                            inputs.clear() or inputs))
+        y1, y2, _ = checked(plan, tensors, x1.device, recorded)
         boundary_states = {j: inputs[j] for j in plan.boundaries}
-        rebuilt = checked(plan, tensors, x1.device,
-                          lambda watch: list(inverse(plan, y1, y2, tensors, watch, boundary_states)))
+        rebuilt = checked(
+            plan, tensors, x1.device, lambda watch: list(inverse(plan, y1, y2, tensors, watch, boundary_states))
+        )
     return [(i, (r1, r2), inputs[i]) for i, r1, r2 in rebuilt]
 
 
@@ -178,8 +195,17 @@ def backward_mode() -> str:
     return "graph" if torch.is_grad_enabled() else "eager"
 
 
-def block_backward(plan: Plan, i: int, state: list, tensors, needs, mode: str, captures: bool = True,
-                   boundary_input=None, rebuild: bool = True):
+def block_backward(
+    plan: Plan,
+    i: int,
+    state: list,
+    tensors,
+    needs,
+    mode: str,
+    captures: bool = True,
+    boundary_input=None,
+    rebuild: bool = True,
+):
     """One block of the backward walk: from block ``i``'s output and its cotangents, rebuild
     its input, recompute both branches and back-propagate through them.
 
@@ -220,8 +246,7 @@ def block_backward(plan: Plan, i: int, state: list, tensors, needs, mode: str, c
     return x1, (x2 if rebuild else None), a1, dx2, grads
 
 
-def backward(plan: Plan, dy1, dy2, saved: List[Optional[torch.Tensor]], needs: Sequence[bool],
-             captures: bool = True):
+def backward(plan: Plan, dy1, dy2, saved: List[Optional[torch.Tensor]], needs: Sequence[bool], captures: bool = True):
     """Walk the blocks in reverse (:func:`block_backward` each), summing the gradients.
 
     Args:
@@ -240,16 +265,17 @@ def backward(plan: Plan, dy1, dy2, saved: List[Optional[torch.Tensor]], needs: S
     state = [saved[0], saved[1], dy1, dy2]
     saved[0] = saved[1] = dy1 = dy2 = None
     nk = 2 * len(plan.boundaries)
-    kept = saved[2:2 + nk]
-    tensors = saved[2 + nk:]
+    kept = saved[2 : 2 + nk]
+    tensors = saved[2 + nk :]
     boundary_states = {j: (kept[2 * m], kept[2 * m + 1]) for m, j in enumerate(plan.boundaries)}
     grads: List[Optional[torch.Tensor]] = [None] * len(tensors)
     mode = backward_mode()
     for i in range(len(plan.blocks) - 1, -1, -1):
         if i + 1 in boundary_states:
             state[:2] = boundary_states[i + 1]
-        x1, x2, dx1, dx2, block_grads = block_backward(plan, i, state, tensors, needs, mode, captures,
-                                                       boundary_states.get(i), rebuild=i > 0)
+        x1, x2, dx1, dx2, block_grads = block_backward(
+            plan, i, state, tensors, needs, mode, captures, boundary_states.get(i), rebuild=i > 0
+        )
         state += (x1, x2, dx1, dx2)
         x1 = x2 = dx1 = dx2 = None
         for j, v in block_grads.items():

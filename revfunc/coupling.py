@@ -54,8 +54,9 @@ def coupling(
         >>> y1.tolist(), y2.tolist()
         ([3.0, 3.0], [10.0, 10.0])
     """
-    plan, tensors = _one_block_plan("revfunc.coupling", f, g, f_params, g_params, x1, x2, f_kwargs, g_kwargs,
-                                    ("x1", "x2"))
+    plan, tensors = _one_block_plan(
+        "revfunc.coupling", f, g, f_params, g_params, x1, x2, f_kwargs, g_kwargs, ("x1", "x2")
+    )
     y1, y2, _ = _walk.forward(plan, x1, x2, tensors)
     return y1, y2
 
@@ -79,7 +80,8 @@ def coupling_inverse(
     Pure: yes, if ``f`` and ``g`` are.
     Differentiable in: y1, y2, f_params, g_params, tensor kwargs.
     """
-    plan, tensors = _one_block_plan("revfunc.coupling_inverse", f, g, f_params, g_params, y1, y2, f_kwargs,
-                                    g_kwargs, ("y1", "y2"))
+    plan, tensors = _one_block_plan(
+        "revfunc.coupling_inverse", f, g, f_params, g_params, y1, y2, f_kwargs, g_kwargs, ("y1", "y2")
+    )
     ((_, x1, x2),) = _walk.inverse(plan, y1, y2, tensors)
     return x1, x2

@@ -37,9 +37,11 @@ def _structure_changed(module: nn.Module, *_args: Any) -> None:
     # returns None: the registration proceeds unchanged
 
 
-for _register in (nn.modules.module.register_module_module_registration_hook,
-                  nn.modules.module.register_module_parameter_registration_hook,
-                  nn.modules.module.register_module_buffer_registration_hook):
+for _register in (
+    nn.modules.module.register_module_module_registration_hook,
+    nn.modules.module.register_module_parameter_registration_hook,
+    nn.modules.module.register_module_buffer_registration_hook,
+):
     _register(_structure_changed)
 
 
@@ -91,14 +93,17 @@ class PureModule:
         self._layout = self._current_layout()
 
     def _current_layout(self):
-        return tuple((name, tuple(sub._parameters), tuple(sub._buffers), tuple(sub._modules))
-                     for name, sub in self.module.named_modules())
+        return tuple(
+            (name, tuple(sub._parameters), tuple(sub._buffers), tuple(sub._modules))
+            for name, sub in self.module.named_modules()
+        )
 
     def is_current(self) -> bool:
         """Whether the module tree still has the submodules, parameter and buffer names
         this view was built from (compared after any registration anywhere)."""
         return self._layout == self._current_layout() and all(
-            a is b for a, b in zip(self.submodules, self.module.modules()))
+            a is b for a, b in zip(self.submodules, self.module.modules())
+        )
 
     def live_params(self) -> Dict[str, torch.Tensor]:
         """The module's current parameters and buffers, like :func:`module_params`, read
@@ -129,7 +134,7 @@ class PureModule:
     def __call__(self, params: Params, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.is_live(params):  # same tensors: functional_call would swap in what is there
             return self.module(*args, **kwargs)
-        return torch.func.functional_call(self.module, params, args, kwargs)
+        return torch.func.functional_call(self.module, params, args, kwargs)  # type: ignore[arg-type]  # a Mapping
 
     def __repr__(self) -> str:
         return f"PureModule({type(self.module).__name__})"
@@ -137,7 +142,7 @@ class PureModule:
 
 def module_params(module: nn.Module) -> Dict[str, torch.Tensor]:
     """Live parameters and buffers of ``module`` as ``{name: tensor}`` (tied ones once)."""
-    params = dict(module.named_parameters())
+    params: Dict[str, torch.Tensor] = dict(module.named_parameters())
     params.update(module.named_buffers())
     return params
 
@@ -168,7 +173,9 @@ def pure(module: nn.Module) -> Tuple[BranchFn, Dict[str, torch.Tensor]]:
     return PureModule(module), module_params(module)
 
 
-def pure_blocks(layers: Iterable[Any]) -> Tuple[List[Block], List[Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]]]:
+def pure_blocks(
+    layers: Iterable[Any],
+) -> Tuple[List[Block], List[Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]]]:
     """Pure ``(f, g)`` pairs and their parameter dicts from ``(f_module, g_module)`` pairs.
 
     Args:
@@ -186,8 +193,14 @@ def pure_blocks(layers: Iterable[Any]) -> Tuple[List[Block], List[Tuple[Dict[str
     for i, pair in enumerate(layers):
         pair = list(pair) if isinstance(pair, (nn.ModuleList, nn.Sequential)) else pair
         if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(isinstance(m, nn.Module) for m in pair):
-            raise TypeError(_checks.msg("revfunc.pure_blocks", f"layers[{i}]",
-                                        "a pair (f_module, g_module) of nn.Modules", _checks.describe(pair)))
+            raise TypeError(
+                _checks.msg(
+                    "revfunc.pure_blocks",
+                    f"layers[{i}]",
+                    "a pair (f_module, g_module) of nn.Modules",
+                    _checks.describe(pair),
+                )
+            )
         (f, fp), (g, gp) = pure(pair[0]), pure(pair[1])
         blocks.append((f, g))
         params.append((fp, gp))
@@ -200,8 +213,9 @@ def _map_dicts(fn, tree):
         return fn(tree)
     if isinstance(tree, (list, tuple)):
         return type(tree)(_map_dicts(fn, t) for t in tree)
-    raise TypeError(_checks.msg("revfunc.split_buffers", "params", "a dict or nested lists/tuples of dicts",
-                                _checks.describe(tree)))
+    raise TypeError(
+        _checks.msg("revfunc.split_buffers", "params", "a dict or nested lists/tuples of dicts", _checks.describe(tree))
+    )
 
 
 def split_buffers(params: Any) -> Tuple[Any, Any]:
@@ -229,6 +243,7 @@ def split_buffers(params: Any) -> Tuple[Any, Any]:
         >>> sorted(floating), sorted(rest)
         (['bias', 'running_mean', 'running_var', 'weight'], ['num_batches_tracked'])
     """
+
     def floating(d):
         return {k: v for k, v in d.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
 
@@ -247,5 +262,6 @@ def merge_buffers(params: Any, buffers: Any) -> Any:
         return {**params, **buffers}
     if isinstance(params, (list, tuple)) and isinstance(buffers, (list, tuple)) and len(params) == len(buffers):
         return type(params)(merge_buffers(p, b) for p, b in zip(params, buffers))
-    raise TypeError(_checks.msg("revfunc.merge_buffers", "buffers", "the structure of params",
-                                _checks.describe(buffers)))
+    raise TypeError(
+        _checks.msg("revfunc.merge_buffers", "buffers", "the structure of params", _checks.describe(buffers))
+    )

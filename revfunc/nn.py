@@ -14,7 +14,7 @@ Dims: ``*`` leading dims (batch, tokens), ``d`` the model width.
 from __future__ import annotations
 
 import sys
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -46,18 +46,19 @@ def _reject_stateful(where: str, module: nn.Module, prefix: str) -> None:
 
 def _has_lazy(module: nn.Module) -> bool:
     """Whether ``module`` holds a lazy module (``nn.LazyLinear``, ...) not yet materialized."""
-    return any(isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params()
-               for m in module.modules())
+    return any(
+        isinstance(m, nn.modules.lazy.LazyModuleMixin) and m.has_uninitialized_params() for m in module.modules()
+    )
 
 
-def _materialize(where: str, blocks: Sequence["ReversibleBlock"], x1: torch.Tensor, x2: torch.Tensor,
-                 kwargs) -> None:
+def _materialize(where: str, blocks: Sequence["ReversibleBlock"], x1: torch.Tensor, x2: torch.Tensor, kwargs) -> None:
     """Run ``blocks`` once in plain autograd under no grad, so that their lazy modules infer
     their shapes (as a plain model's first call does), then settle each block's pure view
     and refuse what the materialized modules turned out to be (a ``LazyBatchNorm``)."""
     layers = [(_LiveModule(b.f.net), _LiveModule(b.g.net)) for b in blocks]
-    plan, tensors = make_plan(where, layers, [({}, {})] * len(layers), kwargs, None, x1, x2, replay=False,
-                              recomputes=False)
+    plan, tensors = make_plan(
+        where, layers, [({}, {})] * len(layers), kwargs, None, x1, x2, replay=False, recomputes=False
+    )
     with torch.no_grad():
         _walk.forward(plan, x1, x2, tensors)
     for block in blocks:
@@ -74,7 +75,7 @@ def _dropout_rate(module: nn.Module) -> float:
         return 1.0
     for name in ("dropout", "dropout_p"):  # SDPA-style attention, nn.MultiheadAttention
         value = getattr(module, name, None)
-        if _is_rate(value):
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
     return 0.0
 
@@ -87,9 +88,12 @@ def _random_submodules(module: nn.Module) -> List[Tuple[str, nn.Module]]:
     Other random ops (``torch.rand`` in a custom forward) are not seen here; revfunc
     catches them at call time instead (see :class:`ReversibleSequence`).
     """
-    return [(name, sub) for name, sub in module.named_modules()
-            if isinstance(sub, (nn.modules.dropout._DropoutNd, nn.RReLU))
-            or any(_is_rate(getattr(sub, a, None)) for a in ("dropout", "dropout_p"))]
+    return [
+        (name, sub)
+        for name, sub in module.named_modules()
+        if isinstance(sub, (nn.modules.dropout._DropoutNd, nn.RReLU))
+        or any(_is_rate(getattr(sub, a, None)) for a in ("dropout", "dropout_p"))
+    ]
 
 
 def _is_rate(value: Any) -> bool:
@@ -157,15 +161,21 @@ class ReversibleBlock(nn.Module):
                 raise RuntimeError(
                     "revfunc.nn.ReversibleBlock: a branch module was replaced since the last eager call, and "
                     "torch.compile cannot rebuild the block's pure view while tracing. Call the model once "
-                    "outside torch.compile after editing it (or edit it before compiling).")
+                    "outside torch.compile after editing it (or edit it before compiling)."
+                )
             return self._pure, (self._pure[0].live_params(), self._pure[1].live_params())
         generation = structure_generation()
         if self._generation != generation:
             # A registration somewhere: rebuild if the branches were replaced, or if one of
             # their own modules registered something and their layout really changed.
-            if self.f.net is not self._pure[0].module or self.g.net is not self._pure[1].module \
-                    or (registered_since(self._generation, self._pure[0].submodules + self._pure[1].submodules)
-                        and not (self._pure[0].is_current() and self._pure[1].is_current())):
+            if (
+                self.f.net is not self._pure[0].module
+                or self.g.net is not self._pure[1].module
+                or (
+                    registered_since(self._generation, self._pure[0].submodules + self._pure[1].submodules)
+                    and not (self._pure[0].is_current() and self._pure[1].is_current())
+                )
+            ):
                 _reject_stateful("revfunc.nn.ReversibleBlock", self, "")
                 self._pure = (PureModule(self.f.net), PureModule(self.g.net))
                 self._random_candidates = _random_submodules(self)
@@ -185,13 +195,17 @@ class ReversibleBlock(nn.Module):
         if not isinstance(x, torch.Tensor):
             raise TypeError(_checks.msg(where, "x", "a torch.Tensor", _checks.describe(x)))
         if x.dim() == 0 or x.shape[-1] % 2:
-            raise ValueError(f"{where}: x needs an even last dim to split into (x1, x2); "
-                             f"got x.shape={tuple(x.shape)}.")
+            raise ValueError(f"{where}: x needs an even last dim to split into (x1, x2); got x.shape={tuple(x.shape)}.")
         x1, x2 = x.chunk(2, dim=-1)
         return x1, x2
 
-    def forward(self, x: torch.Tensor, f_args: Optional[Mapping[str, Any]] = None,
-                g_args: Optional[Mapping[str, Any]] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        f_args: Optional[Mapping[str, Any]] = None,
+        g_args: Optional[Mapping[str, Any]] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> torch.Tensor:
         if type(x) is Gathered:
             # The walk running this block inside a ReversibleSequence (revfunc._walk.gathered),
             # through this module's call so that its hooks (FSDP2's) run around the block;
@@ -201,36 +215,64 @@ class ReversibleBlock(nn.Module):
         if self.__dict__.get("_lazy"):
             _materialize("revfunc.nn.ReversibleBlock", [self], x1, x2, [(f_args or {}, g_args or {})])
         fns, params = self.pure()
-        y1, y2 = apply_stack([fns], [params], x1, x2, kwargs=[(f_args or {}, g_args or {})], generator=generator,
-                             where="revfunc.nn.ReversibleBlock")
+        y1, y2 = apply_stack(
+            [fns],
+            [params],
+            x1,
+            x2,
+            kwargs=[(f_args or {}, g_args or {})],
+            generator=generator,
+            where="revfunc.nn.ReversibleBlock",
+        )
         return torch.cat([y1, y2], dim=-1)
 
-    def inverse(self, y: torch.Tensor, f_args: Optional[Mapping[str, Any]] = None,
-                g_args: Optional[Mapping[str, Any]] = None, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def inverse(
+        self,
+        y: torch.Tensor,
+        f_args: Optional[Mapping[str, Any]] = None,
+        g_args: Optional[Mapping[str, Any]] = None,
+        generator: Optional[torch.Generator] = None,
+    ) -> torch.Tensor:
         """``x`` with ``self(x) == y`` (give ``generator`` in the state ``forward`` got it)."""
         y1, y2 = self._split("revfunc.nn.ReversibleBlock.inverse", y)
         fns, params = self.pure()
-        x1, x2 = apply_inverse([fns], [params], y1, y2, kwargs=[(f_args or {}, g_args or {})], generator=generator,
-                               where="revfunc.nn.ReversibleBlock.inverse")
+        x1, x2 = apply_inverse(
+            [fns],
+            [params],
+            y1,
+            y2,
+            kwargs=[(f_args or {}, g_args or {})],
+            generator=generator,
+            where="revfunc.nn.ReversibleBlock.inverse",
+        )
         return torch.cat([x1, x2], dim=-1)
 
 
 def _check_layers(where: str, layers: Any) -> List[Tuple[nn.Module, nn.Module]]:
     """``layers`` as a list of ``(f, g)`` module pairs, or a TypeError naming ``layers[i]``."""
     if isinstance(layers, nn.Module) and not isinstance(layers, (nn.ModuleList, nn.Sequential)):
-        raise TypeError(_checks.msg(where, "layers", "an nn.ModuleList of (f, g) module pairs",
-                                    _checks.describe(layers)))
+        raise TypeError(
+            _checks.msg(where, "layers", "an nn.ModuleList of (f, g) module pairs", _checks.describe(layers))
+        )
     try:
         items = list(layers)
     except TypeError:
-        raise TypeError(_checks.msg(where, "layers", "an nn.ModuleList of (f, g) module pairs",
-                                    _checks.describe(layers))) from None
+        raise TypeError(
+            _checks.msg(where, "layers", "an nn.ModuleList of (f, g) module pairs", _checks.describe(layers))
+        ) from None
     pairs = []
     for i, pair in enumerate(items):
         pair = list(pair) if isinstance(pair, (nn.ModuleList, nn.Sequential, list, tuple)) else pair
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(m, nn.Module) for m in pair)):
-            raise TypeError(_checks.msg(where, f"layers[{i}]", "a pair (f, g) of nn.Modules", _checks.describe(pair),
-                                        "Wrap plain functions in an nn.Module; pass one (f, g) pair per block."))
+            raise TypeError(
+                _checks.msg(
+                    where,
+                    f"layers[{i}]",
+                    "a pair (f, g) of nn.Modules",
+                    _checks.describe(pair),
+                    "Wrap plain functions in an nn.Module; pass one (f, g) pair per block.",
+                )
+            )
         pairs.append((pair[0], pair[1]))
     return pairs
 
@@ -243,7 +285,7 @@ def _check_layer_dropout(where: str, value: Any) -> float:
     return float(value)
 
 
-def _kept_layers(module: nn.Module, depth: int, generator: Optional[torch.Generator]) -> List[int]:
+def _kept_layers(module: Any, depth: int, generator: Optional[torch.Generator]) -> List[int]:
     if module.training and module.layer_dropout > 0:
         return layer_drop(depth, module.layer_dropout, generator)
     return list(range(depth))
@@ -276,8 +318,13 @@ class ReversibleSequence(nn.Module):
             unrouted keyword.
     """
 
-    def __init__(self, blocks: Sequence[Any], args_route: Optional[Mapping[str, Any]] = None,
-                 layer_dropout: float = 0.0, context_fn: Optional[Any] = None):
+    def __init__(
+        self,
+        blocks: Iterable[Any],
+        args_route: Optional[Mapping[str, Any]] = None,
+        layer_dropout: float = 0.0,
+        context_fn: Optional[Any] = None,
+    ):
         super().__init__()
         where = "revfunc.nn.ReversibleSequence"
         _checks.check_context_fn_type(where, context_fn)
@@ -286,9 +333,10 @@ class ReversibleSequence(nn.Module):
         self.args_route = dict(args_route or {})
         check_router(where, self.args_route, len(pairs))
         self.layer_dropout = _check_layer_dropout(where, layer_dropout)
-        self.blocks = nn.ModuleList([ReversibleBlock(f=f, g=g) for f, g in pairs])
+        blocks = [ReversibleBlock(f=f, g=g) for f, g in pairs]
+        self.blocks: Any = nn.ModuleList(blocks)  # of ReversibleBlock
         _reject_stateful(where, self.blocks, "blocks")
-        for block in self.blocks:
+        for block in blocks:
             block.pure()  # settle the pure views after the registrations above
 
     def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None, **kwargs: Any) -> torch.Tensor:
@@ -308,10 +356,18 @@ class ReversibleSequence(nn.Module):
         deterministic = generator is None and not _active(candidates)
         # Both halves start as x (the classic cat([x, x], -1)); a view keeps the two
         # Function inputs distinct tensors, which Dynamo requires.
-        y1, y2 = apply_stack(list(fns), list(params), x, x.view_as(x), kwargs=[routed[i] for i in keep],
-                             generator=generator, deterministic=deterministic,
-                             context_fn=self.__dict__.get("context_fn"),  # absent on pickles before it
-                             units=_units(self.blocks, keep, params), where="revfunc.nn.ReversibleSequence")
+        y1, y2 = apply_stack(
+            list(fns),
+            list(params),
+            x,
+            x.view_as(x),
+            kwargs=[routed[i] for i in keep],
+            generator=generator,
+            deterministic=deterministic,
+            context_fn=self.__dict__.get("context_fn"),  # absent on pickles before it
+            units=_units(self.blocks, keep, params),
+            where="revfunc.nn.ReversibleSequence",
+        )
         return y1 + y2
 
 
@@ -338,7 +394,8 @@ def _units(blocks: nn.ModuleList, keep: List[int], params) -> Optional[Tuple[Opt
                 f"revfunc.nn.ReversibleSequence: block {i}'s parameters are sharded (DTensor), but block {i} is "
                 f"not an FSDP2 unit, so nothing would gather them: call fully_shard on model.blocks[{i}] itself "
                 "(one unit per block, not on its branches or their submodules) and on the model; see "
-                "docs/distributed.md.")
+                "docs/distributed.md."
+            )
     return units if any(u is not None for u in units) else None
 
 
@@ -372,14 +429,15 @@ class SequentialSequence(nn.Module):
     Shapes: (*, d) -> (*, d).
     """
 
-    def __init__(self, layers: Sequence[Any], args_route: Optional[Mapping[str, Any]] = None,
-                 layer_dropout: float = 0.0):
+    def __init__(
+        self, layers: Iterable[Any], args_route: Optional[Mapping[str, Any]] = None, layer_dropout: float = 0.0
+    ):
         super().__init__()
         where = "revfunc.nn.SequentialSequence"
         pairs = _check_layers(where, layers)
         self.args_route = dict(args_route or {})
         check_router(where, self.args_route, len(pairs))
-        self.layers = layers if isinstance(layers, nn.Module) else nn.ModuleList(nn.ModuleList(p) for p in pairs)
+        self.layers: Any = layers if isinstance(layers, nn.Module) else nn.ModuleList(nn.ModuleList(p) for p in pairs)
         self.layer_dropout = _check_layer_dropout(where, layer_dropout)
 
     def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None, **kwargs: Any) -> torch.Tensor:
@@ -393,7 +451,16 @@ class SequentialSequence(nn.Module):
         blocks = [(_LiveModule(self.layers[i][0]), _LiveModule(self.layers[i][1])) for i in keep]
         # The one engine, as a plain residual walk: seeds only with a generator (the
         # global RNG as is otherwise, like the classic class); no recomputation.
-        plan, tensors = make_plan(where, blocks, [({}, {})] * len(keep), [routed[i] for i in keep], generator, x,
-                                  replay=generator is not None, recomputes=False, residual=True)
+        plan, tensors = make_plan(
+            where,
+            blocks,
+            [({}, {})] * len(keep),
+            [routed[i] for i in keep],
+            generator,
+            x,
+            replay=generator is not None,
+            recomputes=False,
+            residual=True,
+        )
         y, _, _ = _walk.forward(plan, x, None, tensors)
         return y

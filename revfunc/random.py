@@ -77,8 +77,11 @@ def draw_base_seed(generator: Optional[torch.Generator] = None) -> int:
     Pure: no; advances ``generator`` (or the global CPU RNG) by one draw.
     """
     if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(_checks.msg("revfunc.random.draw_base_seed", "generator", "None or a torch.Generator",
-                                    _checks.describe(generator)))
+        raise TypeError(
+            _checks.msg(
+                "revfunc.random.draw_base_seed", "generator", "None or a torch.Generator", _checks.describe(generator)
+            )
+        )
     device = generator.device if generator is not None else torch.device("cpu")
     with torch._C._DisableFuncTorch():
         seed = torch.randint(0, _MASK63, (), generator=generator, device=device)
@@ -117,18 +120,30 @@ def fork_and_seed(seed: int, device: torch.device | str = "cpu") -> Iterator[Non
     where = "revfunc.random.fork_and_seed"
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(_checks.msg(where, "seed", "an int in [0, 2**64)", _checks.describe(seed)))
-    if not 0 <= seed < 2 ** 64:
-        raise ValueError(_checks.msg(where, "seed", "an int in [0, 2**64)", repr(seed),
-                                     "Use revfunc.random.derive_seed to make seeds."))
+    if not 0 <= seed < 2**64:
+        raise ValueError(
+            _checks.msg(
+                where, "seed", "an int in [0, 2**64)", repr(seed), "Use revfunc.random.derive_seed to make seeds."
+            )
+        )
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as error:
-        raise ValueError(_checks.msg(where, "device", "a torch.device or device string such as 'cpu' or 'cuda:0'",
-                                     _checks.describe(device))) from error
+        raise ValueError(
+            _checks.msg(
+                where, "device", "a torch.device or device string such as 'cpu' or 'cuda:0'", _checks.describe(device)
+            )
+        ) from error
     module = device_module(device)
     if device.type != "cpu" and (module is None or not module.is_available()):
-        raise ValueError(_checks.msg(where, "device", "a device this torch build can use",
-                                     f"{device} (torch.{device.type} is not available here)"))
+        raise ValueError(
+            _checks.msg(
+                where,
+                "device",
+                "a device this torch build can use",
+                f"{device} (torch.{device.type} is not available here)",
+            )
+        )
     with _forked(seed, device):
         yield
 

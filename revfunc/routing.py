@@ -21,19 +21,23 @@ Router = Mapping[str, Sequence[Tuple[bool, bool]]]
 def check_router(where: str, router: Any, depth: int) -> None:
     """``router`` maps names to ``depth`` pairs ``(to_f, to_g)`` of bools."""
     if not isinstance(router, Mapping):
-        raise TypeError(_checks.msg(where, "router", "a dict {name: ((to_f, to_g),) * depth}",
-                                    _checks.describe(router)))
+        raise TypeError(
+            _checks.msg(where, "router", "a dict {name: ((to_f, to_g),) * depth}", _checks.describe(router))
+        )
     for name, route in router.items():
         if not isinstance(route, (list, tuple)):
-            raise TypeError(_checks.msg(where, f"router[{name!r}]", "a sequence of (to_f, to_g) pairs",
-                                        _checks.describe(route)))
+            raise TypeError(
+                _checks.msg(where, f"router[{name!r}]", "a sequence of (to_f, to_g) pairs", _checks.describe(route))
+            )
         if len(route) != depth:
-            raise ValueError(f"{where}: router[{name!r}] has {len(route)} (to_f, to_g) pairs but "
-                             f"depth={depth}; give one per block.")
+            raise ValueError(
+                f"{where}: router[{name!r}] has {len(route)} (to_f, to_g) pairs but depth={depth}; give one per block."
+            )
         for i, pair in enumerate(route):
             if not (isinstance(pair, (list, tuple)) and len(pair) == 2):
-                raise TypeError(_checks.msg(where, f"router[{name!r}][{i}]", "a pair (to_f, to_g)",
-                                            _checks.describe(pair)))
+                raise TypeError(
+                    _checks.msg(where, f"router[{name!r}][{i}]", "a pair (to_f, to_g)", _checks.describe(pair))
+                )
 
 
 def route_args(router: Router, kwargs: Mapping[str, Any], depth: int) -> List[Tuple[Dict[str, Any], Dict[str, Any]]]:
@@ -62,9 +66,15 @@ def route_args(router: Router, kwargs: Mapping[str, Any], depth: int) -> List[Tu
     check_router(where, router, depth)
     unrouted = sorted(set(kwargs) - set(router))
     if unrouted:
-        raise ValueError(_checks.msg(where, "kwargs", f"only keywords the router routes ({sorted(router)})",
-                                     f"unrouted {unrouted}",
-                                     "Add them to the router (args_route), or do not pass them."))
+        raise ValueError(
+            _checks.msg(
+                where,
+                "kwargs",
+                f"only keywords the router routes ({sorted(router)})",
+                f"unrouted {unrouted}",
+                "Add them to the router (args_route), or do not pass them.",
+            )
+        )
     routed: List[Tuple[Dict[str, Any], Dict[str, Any]]] = [({}, {}) for _ in range(depth)]
     for name, value in kwargs.items():
         for (f_kwargs, g_kwargs), (to_f, to_g) in zip(routed, router[name]):

@@ -27,12 +27,15 @@ from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint
 
 __all__ = ["save_attention", "attention_policy", "ATTENTION_OPS"]
 
-_NAMES = ("_scaled_dot_product_flash_attention_for_cpu", "_scaled_dot_product_flash_attention",
-          "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
-          "_scaled_dot_product_fused_attention_overrideable")
+_NAMES = (
+    "_scaled_dot_product_flash_attention_for_cpu",
+    "_scaled_dot_product_flash_attention",
+    "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention",
+    "_scaled_dot_product_fused_attention_overrideable",
+)
 #: The SDPA kernels whose outputs :func:`save_attention` keeps (those this torch build has).
-ATTENTION_OPS = frozenset(getattr(torch.ops.aten, name).default for name in _NAMES
-                          if hasattr(torch.ops.aten, name))
+ATTENTION_OPS = frozenset(getattr(torch.ops.aten, name).default for name in _NAMES if hasattr(torch.ops.aten, name))
 
 
 def attention_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> CheckpointPolicy:
@@ -41,8 +44,9 @@ def attention_policy(ctx: Any, op: Any, *args: Any, **kwargs: Any) -> Checkpoint
 
 
 #: ``context_fn`` that saves every SDPA kernel's outputs (pass it as ``context_fn=save_attention``).
-save_attention: Callable[[], Tuple[Any, Any]] = functools.partial(create_selective_checkpoint_contexts,
-                                                                  attention_policy)
+save_attention: Callable[[], Tuple[Any, Any]] = functools.partial(
+    create_selective_checkpoint_contexts, attention_policy
+)
 
 
 class SavedContexts:
@@ -58,8 +62,10 @@ class SavedContexts:
     def forward_context(self, i: int, branch: int):
         contexts = self.context_fn()
         if not (isinstance(contexts, tuple) and len(contexts) == 2):
-            raise TypeError(f"revfunc: context_fn expected to return two context managers (forward, "
-                            f"recompute), as torch.utils.checkpoint's; got {type(contexts).__name__}.")
+            raise TypeError(
+                f"revfunc: context_fn expected to return two context managers (forward, "
+                f"recompute), as torch.utils.checkpoint's; got {type(contexts).__name__}."
+            )
         self.recompute[i, branch] = contexts[1]
         return contexts[0]
 

@@ -7,9 +7,10 @@ A stack applies blocks ``(f_i, g_i)``, ``i = 0..L-1``, in order:
 
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Tuple, Union
-
+import collections
+import math
 import warnings
+from typing import Any, Callable, List, Optional, Tuple, Union
 
 import torch
 
@@ -26,6 +27,7 @@ __all__ = [
     "reconstruction_error",
     "ReconstructionError",
 ]
+
 
 class ReconstructionError(RuntimeError):
     """A rebuilt block input drifted past the tolerance (or is not finite)."""
@@ -122,14 +124,37 @@ def reversible_sequence(
         >>> torch.allclose(z1, x1, atol=1e-6) and torch.allclose(z2, x2, atol=1e-6)
         True
     """
-    return apply_stack(blocks, params, x1, x2, kwargs=kwargs, generator=generator, checkpoint_every=checkpoint_every,
-                       check_reconstruction=check_reconstruction, higher_order=higher_order,
-                       deterministic=deterministic, context_fn=context_fn)
+    return apply_stack(
+        blocks,
+        params,
+        x1,
+        x2,
+        kwargs=kwargs,
+        generator=generator,
+        checkpoint_every=checkpoint_every,
+        check_reconstruction=check_reconstruction,
+        higher_order=higher_order,
+        deterministic=deterministic,
+        context_fn=context_fn,
+    )
 
 
-def apply_stack(blocks, params, x1, x2, *, kwargs=None, generator=None, checkpoint_every=None,
-                check_reconstruction=None, higher_order=False, deterministic=False, context_fn=None, units=None,
-                where="revfunc.reversible_sequence"):
+def apply_stack(
+    blocks,
+    params,
+    x1,
+    x2,
+    *,
+    kwargs=None,
+    generator=None,
+    checkpoint_every=None,
+    check_reconstruction=None,
+    higher_order=False,
+    deterministic=False,
+    context_fn=None,
+    units=None,
+    where="revfunc.reversible_sequence",
+):
     """:func:`reversible_sequence`, plus what the nn adapter passes: ``units``
     (:attr:`revfunc._plan.Plan.units`) for blocks sharded with FSDP2, and ``where``, the
     public name that messages start with (the container's)."""
@@ -144,13 +169,30 @@ def apply_stack(blocks, params, x1, x2, *, kwargs=None, generator=None, checkpoi
 
         comptime(_warn_if_compiled_under_transform)  # runs once, at trace time
     checking = check_reconstruction is not None and check_reconstruction is not False
-    plan, tensors = make_plan(where, blocks, params, kwargs, generator, x1, x2, checkpoint_every=checkpoint_every,
-                              reverse_mode_only=True, higher_order=higher_order, deterministic=deterministic,
-                              replay=True if checking else None, context_fn=context_fn, units=units)
+    plan, tensors = make_plan(
+        where,
+        blocks,
+        params,
+        kwargs,
+        generator,
+        x1,
+        x2,
+        checkpoint_every=checkpoint_every,
+        reverse_mode_only=True,
+        higher_order=higher_order,
+        deterministic=deterministic,
+        replay=True if checking else None,
+        context_fn=context_fn,
+        units=units,
+    )
     if checking:
         _check_drift(plan, x1, x2, tensors, check_reconstruction)
-    chain = not higher_order and torch.is_grad_enabled() and not torch.compiler.is_compiling() \
+    chain = (
+        not higher_order
+        and torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
         and torch._C._functorch.peek_interpreter_stack() is None
+    )
     if chain:
         return _chain.apply(plan, x1, x2, tensors)  # eager autograd: gradients leave block by block
     if units is not None and torch.is_grad_enabled():
@@ -169,7 +211,8 @@ def check_context_fn(where: str, context_fn) -> None:
             f"{where}: context_fn (selective saving) is unsupported under torch.func transforms and inside "
             "torch.compile: its dispatch-mode contexts would cache tensors of the transform's or the tracer's "
             "level. Use it with loss.backward() or torch.autograd.grad (or revfunc.reversible_vjp, eagerly); "
-            "without it every path keeps activation memory constant in depth.")
+            "without it every path keeps activation memory constant in depth."
+        )
 
 
 def _warn_if_compiled_under_transform(_ctx=None) -> None:
@@ -187,11 +230,13 @@ def _check_tolerance_arg(where: str, value) -> None:
     if value is None or isinstance(value, bool):
         return
     if not isinstance(value, (int, float)):
-        raise TypeError(_checks.msg(where, "check_reconstruction", "None, a bool or a float tolerance > 0",
-                                    _checks.describe(value)))
-    if not value > 0 or value != value or value == float("inf"):
-        raise ValueError(_checks.msg(where, "check_reconstruction", "a finite tolerance > 0 (False turns it off)",
-                                     repr(value)))
+        raise TypeError(
+            _checks.msg(where, "check_reconstruction", "None, a bool or a float tolerance > 0", _checks.describe(value))
+        )
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(
+            _checks.msg(where, "check_reconstruction", "a finite tolerance > 0 (False turns it off)", repr(value))
+        )
 
 
 def _drift(plan: Plan, x1, x2, tensors) -> List[float]:
@@ -285,9 +330,7 @@ def apply_inverse(blocks, params, y1, y2, *, kwargs=None, generator=None, where=
     plan, tensors = make_plan(where, blocks, params, kwargs, generator, y1, y2, replay=True, recomputes=False)
 
     def run(watch):
-        x1 = x2 = None
-        for _, x1, x2 in _walk.inverse(plan, y1, y2, tensors, watch):
-            pass
+        ((_, x1, x2),) = collections.deque(_walk.inverse(plan, y1, y2, tensors, watch), maxlen=1)  # block 0's, last
         return x1, x2
 
     return _walk.checked(plan, tensors, y1.device, run)
@@ -320,6 +363,16 @@ def reconstruction_error(
     where = "revfunc.reconstruction_error"
     validate(where, blocks, params, x1, x2, kwargs, generator)
     _checks.check_positive_int(where, "checkpoint_every", checkpoint_every)
-    plan, tensors = make_plan(where, blocks, params, kwargs, generator, x1, x2, checkpoint_every=checkpoint_every,
-                              replay=True, recomputes=False)
+    plan, tensors = make_plan(
+        where,
+        blocks,
+        params,
+        kwargs,
+        generator,
+        x1,
+        x2,
+        checkpoint_every=checkpoint_every,
+        replay=True,
+        recomputes=False,
+    )
     return _drift(plan, x1, x2, tensors)

@@ -26,8 +26,9 @@ from revfunc.sequence import check_context_fn
 __all__ = ["reversible_vjp"]
 
 #: ``pullback(dy1, dy2) -> (dparams, dx1, dx2)``.
-Pullback = Callable[[torch.Tensor, torch.Tensor], Tuple[List[Tuple[Dict[str, Optional[torch.Tensor]], ...]],
-                                                         torch.Tensor, torch.Tensor]]
+Pullback = Callable[
+    [torch.Tensor, torch.Tensor], Tuple[List[Tuple[Dict[str, Optional[torch.Tensor]], ...]], torch.Tensor, torch.Tensor]
+]
 
 
 def reversible_vjp(
@@ -101,8 +102,20 @@ def reversible_vjp(
     _checks.check_bool(where, "deterministic", deterministic)
     check_context_fn(where, context_fn)
     # One slot per leaf (no identity dedupe): each name gets its own gradient term.
-    plan, tensors = make_plan(where, blocks, params, kwargs, generator, x1, x2, checkpoint_every=checkpoint_every,
-                              dedupe=False, replay=True, deterministic=deterministic, context_fn=context_fn)
+    plan, tensors = make_plan(
+        where,
+        blocks,
+        params,
+        kwargs,
+        generator,
+        x1,
+        x2,
+        checkpoint_every=checkpoint_every,
+        dedupe=False,
+        replay=True,
+        deterministic=deterministic,
+        context_fn=context_fn,
+    )
     param_slots = [[b[0] for b in block] for block in plan.binds]  # [(name, slot), ...] per branch
     is_param = {j for block in param_slots for branch in block for _, j in branch}
     needs = [j in is_param and t.is_floating_point() for j, t in enumerate(tensors)]

@@ -26,8 +26,10 @@ def make_pure_stack(depth, dim=5, seed=0, dtype=torch.float64):
     gen = torch.Generator().manual_seed(seed)
 
     def branch_params():
-        return {"w": (torch.randn(dim, dim, generator=gen, dtype=dtype) / dim ** 0.5).requires_grad_(),
-                "b": (torch.randn(dim, generator=gen, dtype=dtype) * 0.1).requires_grad_()}
+        return {
+            "w": (torch.randn(dim, dim, generator=gen, dtype=dtype) / dim**0.5).requires_grad_(),
+            "b": (torch.randn(dim, generator=gen, dtype=dtype) * 0.1).requires_grad_(),
+        }
 
     blocks = [(scaled_branch, scaled_branch)] * depth
     params = [(branch_params(), branch_params()) for _ in range(depth)]
@@ -52,7 +54,7 @@ def reference_loop(blocks, params, x1, x2, kwargs=None):
 
 def loss_of(y1, y2):
     """A loss that weighs both halves differently (so swapped halves would show)."""
-    return (y1 ** 2).sum() + torch.sin(y2).sum() * 0.5
+    return (y1**2).sum() + torch.sin(y2).sum() * 0.5
 
 
 def flat_params(params):
@@ -62,7 +64,7 @@ def flat_params(params):
 def assert_all_close(actual, expected, rtol=1e-10, atol=1e-12):
     assert len(actual) == len(expected)
     for i, (a, e) in enumerate(zip(actual, expected)):
-        torch.testing.assert_close(a, e, rtol=rtol, atol=atol, msg=lambda m: f"tensor {i}: {m}")
+        torch.testing.assert_close(a, e, rtol=rtol, atol=atol, msg=lambda m, i=i: f"tensor {i}: {m}")
 
 
 def saved_bytes(fn, exclude=()):

@@ -33,8 +33,17 @@ from revfunc.testing.blocks import mlp_layers, transformer_layers
 
 FUNC_PATHS = ("func_grad", "grad_and_value", "vjp", "vmap_grad")
 TRAINING_PATHS = ("accumulate", "optimizer_in_backward")  # the wide, short case
-PATHS = ("backward", "backward_save_on_cpu", "autograd_grad", *FUNC_PATHS, *(p + "_live" for p in FUNC_PATHS), "compile_step",
-         "compile_model_backward", "compile_func_grad", *TRAINING_PATHS)
+PATHS = (
+    "backward",
+    "backward_save_on_cpu",
+    "autograd_grad",
+    *FUNC_PATHS,
+    *(p + "_live" for p in FUNC_PATHS),
+    "compile_step",
+    "compile_model_backward",
+    "compile_func_grad",
+    *TRAINING_PATHS,
+)
 # compile_func_grad: torch.compile of torch.func.grad_and_value over reversible_sequence
 # itself. Dynamo drops the custom backward there (revfunc warns at trace time), so it is
 # measured for the docs, not asserted flat (compile_step is the compiled path that keeps it).
@@ -54,6 +63,7 @@ def _training_step(path: str, method: str, depth: int):
     model = rnn.ReversibleSequence(layers) if method == "revfunc" else _module(args, method, layers)
     live = list(layers.parameters())
     if path == "optimizer_in_backward":
+
         def sgd(p):
             with torch.no_grad():
                 p.add_(p.grad, alpha=-1e-4)
@@ -100,6 +110,7 @@ def make_step(path: str, method: str, depth: int):
         if path == "autograd_grad":
             return (lambda: torch.autograd.grad(model(x).pow(2).mean(), live)), None
         if path == "backward_save_on_cpu":  # activation offloading around the model
+
             def offloaded():
                 with torch.autograd.graph.save_on_cpu():
                     loss = model(x).pow(2).mean()
@@ -120,8 +131,11 @@ def make_step(path: str, method: str, depth: int):
         return (lambda: model(x).pow(2).mean().backward()), preallocate
 
     blocks, live_params = revfunc.pure_blocks(layers)
-    params = live_params if path.endswith("_live") else \
-        [tuple({k: v.detach() for k, v in p.items()} for p in pair) for pair in live_params]
+    params = (
+        live_params
+        if path.endswith("_live")
+        else [tuple({k: v.detach() for k, v in p.items()} for p in pair) for pair in live_params]
+    )
     base = path.removesuffix("_live")
 
     def loss(p, a, b):
@@ -132,9 +146,11 @@ def make_step(path: str, method: str, depth: int):
     if base == "grad_and_value":
         return (lambda: torch.func.grad_and_value(loss)(params, x, x)[0]), None
     if base == "vjp":
+
         def step():
             (y1, y2), vjp_fn = torch.func.vjp(lambda p: seq(blocks, p, x, x), params)
             return vjp_fn((torch.ones_like(y1), torch.ones_like(y2)))[0]
+
         return step, None
     if base == "vmap_grad":
         per_sample = torch.func.vmap(torch.func.grad(lambda p, a, b: loss(p, a[None], b[None])), in_dims=(None, 0, 0))
@@ -143,8 +159,10 @@ def make_step(path: str, method: str, depth: int):
         if method == "revfunc" and path == "compile_step":
             train_step = vjp_train_step(blocks, _head)
         else:
+
             def train_step(p, a, b):
                 return torch.func.grad_and_value(loss)(p, a, b)
+
         if os.environ.get("MEMPROBE_REORDER") == "1":  # inductor's default, for comparison
             step_fn = torch.compile(train_step, fullgraph=True)
         else:
@@ -157,8 +175,14 @@ def measure(path: str, method: str, depth: int) -> dict:
     torch.set_num_threads(1)
     step, prepare = make_step(path, method, depth)
     activation, returned = activation_bytes(step, "cpu", prepare)
-    return {"path": path, "method": method, "depth": depth, "activation_bytes": activation,
-            "returned_bytes": returned, "torch": torch.__version__}
+    return {
+        "path": path,
+        "method": method,
+        "depth": depth,
+        "activation_bytes": activation,
+        "returned_bytes": returned,
+        "torch": torch.__version__,
+    }
 
 
 def _measure_case(case):

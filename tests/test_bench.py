@@ -10,9 +10,31 @@ from revfunc import bench
 
 
 def test_bench_writes_json_and_plot_with_every_method(tmp_path):
-    result = bench.main(["--depths", "2", "4", "--dim", "16", "--seq", "32", "--batch", "2", "--heads", "2",
-                         "--seqs", "16", "--sweep-depth", "2", "--functional", "--no-selective", "--repeats", "1",
-                         "--out", str(tmp_path)])
+    result = bench.main(
+        [
+            "--depths",
+            "2",
+            "4",
+            "--dim",
+            "16",
+            "--seq",
+            "32",
+            "--batch",
+            "2",
+            "--heads",
+            "2",
+            "--seqs",
+            "16",
+            "--sweep-depth",
+            "2",
+            "--functional",
+            "--no-selective",
+            "--repeats",
+            "1",
+            "--out",
+            str(tmp_path),
+        ]
+    )
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert str(tmp_path) not in json.dumps(saved["config"]["classic"]) and "/" not in saved["config"]["classic"]
     assert saved["rows"] == result["rows"] and saved["sweep"] == result["sweep"]
@@ -61,8 +83,10 @@ def test_budget_table_follows_from_the_fit():
     args = bench.parse_args(["--depths", "8", "32", "--seq", "1000"])
     u, w, k, per_block = 100.0, 10.0, 5e6, 4e5
     pts = [(d, 1000) for d in (8, 16, 32)] + [(8, n) for n in (500, 2000)]
-    rows = [{"method": "m", "depth": d, "seq": n, "grad_bytes": per_block * d,
-             "activation_bytes": n * (u + w * d) + k} for d, n in pts]
+    rows = [
+        {"method": "m", "depth": d, "seq": n, "grad_bytes": per_block * d, "activation_bytes": n * (u + w * d) + k}
+        for d, n in pts
+    ]
     fit = bench.budget_table(args, rows, [])["m"]
     assert max(abs(fit[name] - want) / want for name, want in zip("uwk", (u, w, k))) < 1e-6
     assert fit["max_relative_residual"] < 1e-9
@@ -79,7 +103,8 @@ def test_budget_table_follows_from_the_fit():
 def test_drift_report_covers_dtypes_depths_and_checkpoint_every(tmp_path):
     result = bench.main(["--drift", "--dim", "8", "--seq", "4", "--batch", "2", "--heads", "2", "--out", str(tmp_path)])
     assert {(d["dtype"], d["depth"]) for d in result["drift"]} == {
-        (t, n) for t in ("torch.float32", "torch.bfloat16", "torch.float16") for n in (1, 8, 64)}
+        (t, n) for t in ("torch.float32", "torch.bfloat16", "torch.float16") for n in (1, 8, 64)
+    }
     by_k = {a["checkpoint_every"]: a["grad_error"] for a in result["autocast"]}
     assert by_k[1] < 1e-6  # exact boundaries everywhere: only bf16 arithmetic itself
     assert json.loads((tmp_path / "drift.json").read_text()) == result
@@ -91,8 +116,21 @@ def test_the_long_preset_activations_are_at_least_the_one_branch_floor():
     figure below the floor is a measuring error. Measured on the long preset's blocks
     (d=64, causal SDPA) at 512 tokens, depth 4, every method of the preset (selective
     saving included)."""
-    result = bench.main(["--depths", "4", "--seq", "512", "--seqs", "--repeats", "1", "--warmup", "0",
-                         "--out", str(pathlib.Path(tempfile.mkdtemp()))])
+    result = bench.main(
+        [
+            "--depths",
+            "4",
+            "--seq",
+            "512",
+            "--seqs",
+            "--repeats",
+            "1",
+            "--warmup",
+            "0",
+            "--out",
+            str(pathlib.Path(tempfile.mkdtemp())),
+        ]
+    )
     assert {"revfunc+attn", "checkpoint+attn"} <= {r["method"] for r in result["rows"]}
     floor = max(f["activation_bytes"] for f in result["floor"].values())
     assert floor > 0
@@ -103,14 +141,27 @@ def test_the_long_preset_activations_are_at_least_the_one_branch_floor():
 def test_a_budget_fit_worse_than_ten_percent_is_left_out_of_the_table():
     args = bench.parse_args(["--depths", "8", "16", "32", "--seq", "1000"])
     points = [(d, 1000) for d in (8, 16, 32)] + [(8, n) for n in (500, 2000)]
-    activation = {"plain": lambda d, n: n * (100 + 10 * d) + 5e6,  # fits its model exactly
-                  "revfunc": lambda d, n: 1e6 * d}  # grows with depth: the flat reversible model cannot fit
+    activation = {
+        "plain": lambda d, n: n * (100 + 10 * d) + 5e6,  # fits its model exactly
+        "revfunc": lambda d, n: 1e6 * d,
+    }  # grows with depth: the flat reversible model cannot fit
     rows, sweep = [], []
     for m, act in activation.items():
         for d, n in points:
-            row = {"method": m, "depth": d, "seq": n, "grad_bytes": 1e5 * d, "activation_bytes": act(d, n),
-                   "time_ratio": 1.0, "seconds": 1.0, "extra_us_per_block": 0, "saved_bytes": None,
-                   "peak_bytes": None, "activation_streams": None, "compile_seconds": None}
+            row = {
+                "method": m,
+                "depth": d,
+                "seq": n,
+                "grad_bytes": 1e5 * d,
+                "activation_bytes": act(d, n),
+                "time_ratio": 1.0,
+                "seconds": 1.0,
+                "extra_us_per_block": 0,
+                "saved_bytes": None,
+                "peak_bytes": None,
+                "activation_streams": None,
+                "compile_seconds": None,
+            }
             (rows if n == 1000 else sweep).append(row)
     table = bench.budget_table(args, rows, sweep)
     assert table["plain"]["fits"] and table["plain"]["max_relative_residual"] < 1e-9
@@ -128,7 +179,7 @@ def test_sharded_per_block_step_peak_is_flat_in_depth_while_root_only_grows():
     parameters and gradients. Both keep the same shards between steps."""
     from revfunc.bench import sharded
 
-    block_mib = 12 * 128 * 128 * 4 / 2 ** 20  # attention 4 d^2 + feed-forward 8 d^2, float32
+    block_mib = 12 * 128 * 128 * 4 / 2**20  # attention 4 d^2 + feed-forward 8 d^2, float32
     per_block = {r["depth"]: r for r in sharded.run_method("fsdp per block", [2, 8], 128, 64)}
     root_only = {r["depth"]: r for r in sharded.run_method("fsdp root only", [2, 8], 128, 64)}
     assert per_block[8]["step_peak_mib"] - per_block[2]["step_peak_mib"] < block_mib
@@ -162,6 +213,9 @@ def test_gloo_workers_report_a_failing_rank_and_accept_a_teardown_abort(tmp_path
 
     run_gloo_workers(_harness_worker, (str(tmp_path / "a"), "aborts_after_work"), 2, str(tmp_path / "a"), 60, "w")
     # Rank 0 fails too (its peer is gone at the barrier), or is killed once rank 1 has failed.
-    with pytest.raises(RuntimeError, match=r"^w: ranks \[(0, )?1\] failed before finishing their work; exit codes "
-                                           r"\[-?\d+, 1\]"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"^w: ranks \[(0, )?1\] failed before finishing their work; exit codes "
+        r"\[-?\d+, 1\]",
+    ):
         run_gloo_workers(_harness_worker, (str(tmp_path / "b"), "fails"), 2, str(tmp_path / "b"), 60, "w")

@@ -2,13 +2,13 @@
 
 import contextlib
 
+import classic
 import pytest
 import torch
+from helpers import assert_all_close, flat_params, inputs, loss_of, make_stack
 
-import classic
 import revfunc
 import revfunc.nn as rnn
-from helpers import assert_all_close, flat_params, inputs, loss_of, make_stack
 from revfunc.random import dropout
 from revfunc.testing.blocks import transformer_layers
 
@@ -75,6 +75,7 @@ def test_vmap_grad_with_dropout_matches_the_sequential_reference(randomness):
         def loss(p, a, b):
             gen = torch.Generator().manual_seed(5)
             return loss_of(*fn(blocks, p, a[None], b[None], generator=gen))
+
         return torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0), randomness=randomness)
 
     got = flat_params(per_sample(revfunc.reversible_sequence)(params, x1, x2))
@@ -130,8 +131,11 @@ def test_compile_fullgraph_grad_step_matches_eager_without_recompiling():
     for seed in range(3):
         x1, x2 = inputs((4, 8), seed=seed, dtype=torch.float32, requires_grad=False)
         # Correct, but Dynamo drops the custom backward here: warned once, at trace time.
-        with pytest.warns(UserWarning, match=r"stores every block's activations.*revfunc.reversible_vjp") \
-                if seed == 0 else contextlib.nullcontext():
+        with (
+            pytest.warns(UserWarning, match=r"stores every block's activations.*revfunc.reversible_vjp")
+            if seed == 0
+            else contextlib.nullcontext()
+        ):
             got = compiled(params, x1, x2)
         _assert_tree_close(got, step(params, x1, x2))
     assert counter.frame_count == 1
@@ -140,7 +144,9 @@ def test_compile_fullgraph_grad_step_matches_eager_without_recompiling():
 def test_compile_fullgraph_of_a_functional_call_on_the_nn_module():
     torch._dynamo.reset()
     torch.manual_seed(0)
-    model = rnn.ReversibleSequence(transformer_layers(2, 8, heads=2).double(), args_route={"mask": ((True, False),) * 2})
+    model = rnn.ReversibleSequence(
+        transformer_layers(2, 8, heads=2).double(), args_route={"mask": ((True, False),) * 2}
+    )
     # Detached: with parameters that require grad, AOTAutograd would also trace the
     # gradient step's own backward, and SDPA's CPU flash backward has no derivative.
     params = {k: v.detach() for k, v in model.named_parameters()}
@@ -150,7 +156,8 @@ def test_compile_fullgraph_of_a_functional_call_on_the_nn_module():
 
     def step(p, x, mask):
         return torch.func.grad_and_value(
-            lambda p: torch.func.functional_call(model, p, (x,), {"mask": mask}).pow(2).sum())(p)
+            lambda p: torch.func.functional_call(model, p, (x,), {"mask": mask}).pow(2).sum()
+        )(p)
 
     with pytest.warns(UserWarning, match=r"stores every block's activations"):  # correct, but not memory-saving
         got = torch.compile(step, fullgraph=True, backend="aot_eager")(params, x, mask)
@@ -193,8 +200,11 @@ def test_compile_with_generator_randomness_matches_eager():
 def test_compiled_dropout_without_generator_is_refused_not_silently_wrong():
     torch._dynamo.reset()
     model = rnn.ReversibleSequence(transformer_layers(1, 8, heads=2, dropout=0.1))
-    with pytest.raises(Exception, match=r"submodule 'blocks.0.f.net' \(Attention, p=0.1\) is active inside "
-                                        r"torch.compile without a generator"):
+    with pytest.raises(
+        Exception,
+        match=r"submodule 'blocks.0.f.net' \(Attention, p=0.1\) is active inside "
+        r"torch.compile without a generator",
+    ):
         torch.compile(model, backend="eager", fullgraph=True)(torch.randn(1, 3, 8))
 
 
@@ -217,7 +227,8 @@ def test_compile_fullgraph_of_a_reversible_vjp_training_step_matches_eager():
 
     def reference(p, x1, x2):
         (dparams, dx1), value = torch.func.grad_and_value(
-            lambda p, a: head(*revfunc.sequential_sequence(blocks, p, a, x2)), argnums=(0, 1))(p, x1)
+            lambda p, a: head(*revfunc.sequential_sequence(blocks, p, a, x2)), argnums=(0, 1)
+        )(p, x1)
         return dparams, dx1, value
 
     counter = CompileCounterWithBackend("inductor")
@@ -235,8 +246,12 @@ def test_compile_fullgraph_of_the_sequential_sequence_module():
     x = torch.randn(2, 5, 8)
     mask = torch.rand(2, 5) > 0.3
     mask[:, 0] = True
-    torch.testing.assert_close(torch.compile(model, fullgraph=True, backend="aot_eager")(x, mask=mask),
-                               model(x, mask=mask), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        torch.compile(model, fullgraph=True, backend="aot_eager")(x, mask=mask),
+        model(x, mask=mask),
+        rtol=1e-6,
+        atol=1e-6,
+    )
 
 
 def test_compiled_module_compiles_once_over_repeated_calls():

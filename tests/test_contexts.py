@@ -15,12 +15,12 @@ import functools
 
 import pytest
 import torch
+from helpers import assert_all_close
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import revfunc
 import revfunc.nn as rnn
-from helpers import assert_all_close
 from revfunc.selective import save_attention
 from revfunc.testing.blocks import transformer_layers
 
@@ -86,8 +86,9 @@ def _adapter(layers):
 def _functional(layers, live=True, **options):
     blocks, params = revfunc.pure_blocks(layers)
     if not live:  # detached leaves of their own, as a torch.func user holds them
-        params = [tuple({k: v.detach().clone().requires_grad_() for k, v in p.items()} for p in pair)
-                  for pair in params]
+        params = [
+            tuple({k: v.detach().clone().requires_grad_() for k, v in p.items()} for p in pair) for pair in params
+        ]
 
     def run(x):
         y1, y2 = revfunc.reversible_sequence(blocks, params, x, x, **options)
@@ -137,9 +138,11 @@ def _with_params(layers, leaves):
 @pytest.mark.parametrize("context", CONTEXTS)
 def test_gradients_inside_ambient_contexts_equal_plain_autograd(context, path):
     if context == "checkpoint_inside_reentrant" and path == "reversible_sequence_detached":
-        pytest.skip("does not apply: a reentrant checkpoint recomputes its module in backward, outside "
-                    "functional_call's swap, so it differentiates the module's own parameters, not the "
-                    "detached copies; plain autograd gives those copies no gradient either")
+        pytest.skip(
+            "does not apply: a reentrant checkpoint recomputes its module in backward, outside "
+            "functional_call's swap, so it differentiates the module's own parameters, not the "
+            "detached copies; plain autograd gives those copies no gradient either"
+        )
     around, inner = CONTEXTS[context]
     layers = _layers(inner)
     run, leaves = PATHS[path](layers)
@@ -184,7 +187,7 @@ def _plain_and_reversible(make_layers, x_seed=1):
         else:
             y = rnn.ReversibleSequence(layers)(x)
         leaves = [x, *layers.parameters()]
-        grads = torch.autograd.grad((y ** 2).sum(), leaves, allow_unused=True)
+        grads = torch.autograd.grad((y**2).sum(), leaves, allow_unused=True)
         results.append((y.detach(), [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]))
     return results
 
@@ -263,8 +266,11 @@ def test_a_closure_captured_tensor_reached_on_a_later_call_is_refused_then():
     (y1.sum() + y2.sum()).backward()  # nothing captured is reached: fine
     positive = torch.ones(2, 4, dtype=torch.float64)
     y1, y2 = revfunc.reversible_sequence(blocks, params, positive, positive)
-    with pytest.raises(RuntimeError, match=r"block 0 branch f .* uses a tensor that requires grad but was not "
-                                           r"passed to it \(shape \(4, 4\), dtype torch.float64\)"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"block 0 branch f .* uses a tensor that requires grad but was not "
+        r"passed to it \(shape \(4, 4\), dtype torch.float64\)",
+    ):
         (y1.sum() + y2.sum()).backward()
 
 

@@ -1,9 +1,9 @@
 """coupling / coupling_inverse: one block of the additive coupling math."""
 
 import torch
+from helpers import assert_all_close, inputs, make_pure_stack, reference_loop
 
 import revfunc
-from helpers import assert_all_close, inputs, make_pure_stack, reference_loop
 
 RTOL = 1e-10
 

@@ -13,11 +13,11 @@ import tempfile
 
 import pytest
 import torch
+from classic import CLASSIC
+from helpers import assert_all_close, spawn_and_wait
 from torch import nn
 
-from classic import CLASSIC
 import revfunc.nn as rnn
-from helpers import assert_all_close, spawn_and_wait
 from revfunc.bench.sharded import finish_gloo, init_gloo, state_bytes
 from revfunc.testing.blocks import transformer_layers
 
@@ -139,6 +139,7 @@ def _record_gathering(model, events):
             unsharded = {j for j, p in enumerate(firsts) if not isinstance(p, DTensor)}
             reduced = {j for j, p in enumerate(firsts) if isinstance(p, DTensor) and p.grad is not None}
             events.append((torch.is_grad_enabled(), index, unsharded, reduced))
+
         return record
 
     for i, block in enumerate(blocks):
@@ -194,8 +195,12 @@ def _checkpoints(model, opt, rank, tmp):
     """DCP round trip into a fresh sharded model, then one more step on both; and the
     full state_dict gathered on rank 0."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, \
-        set_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_state_dict,
+        set_state_dict,
+    )
 
     path = os.path.join(tmp, "dcp")
     opt.zero_grad()
@@ -214,8 +219,11 @@ def _checkpoints(model, opt, rank, tmp):
         o.step()
         o.zero_grad()
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {"after": _full(dict(model.named_parameters())), "restored": _full(dict(fresh.named_parameters())),
-            "full_state_dict": full}
+    return {
+        "after": _full(dict(model.named_parameters())),
+        "restored": _full(dict(fresh.named_parameters())),
+        "full_state_dict": full,
+    }
 
 
 def _errors(rank):
@@ -240,19 +248,20 @@ def _errors(rank):
 
 
 def _worker(rank, out_dir, init_file):
-    import torch.distributed as dist
 
     init_gloo(rank, WORLD, init_file, hang_s=120)
     results = {}
-    for kind, per_block in (("reversible", True), ("reversible", False), ("sequential", True),
-                            ("sequential", False)):
+    for kind, per_block in (("reversible", True), ("reversible", False), ("sequential", True), ("sequential", False)):
         model = _shard(MODELS[kind](), per_block)
         events = [] if kind == "reversible" and per_block else None
         if events is not None:
             _record_gathering(model, events)
         grads0, opt = _train_sharded(model, rank, events=events)
-        results[kind, per_block] = {"grads0": grads0, "params": _full(dict(model.named_parameters())),
-                                    "state_bytes": state_bytes(model, opt)}
+        results[kind, per_block] = {
+            "grads0": grads0,
+            "params": _full(dict(model.named_parameters())),
+            "state_bytes": state_bytes(model, opt),
+        }
         if events is not None:
             results["events"] = events
             results["checkpoints"] = _checkpoints(model, opt, rank, out_dir)
@@ -327,7 +336,7 @@ def test_per_block_sharding_gathers_one_block_at_a_time_and_reduces_each_before_
     # recomputations run with grad enabled too, but after the forward's last block).
     end = events.index(("end", None, None, None))
     calls = events[:end]
-    forward, backward = calls[:2 * DEPTH], calls[2 * DEPTH:]
+    forward, backward = calls[: 2 * DEPTH], calls[2 * DEPTH :]
     assert [i for _, i, _, _ in forward] == [i for i in range(DEPTH) for _ in "fg"]
     for _, i, unsharded, reduced in forward:
         assert i in unsharded and unsharded <= {i, i + 1}, (i, unsharded)  # this block, the next prefetched
@@ -361,10 +370,11 @@ def test_mixed_precision_matches_plain_autograd_fsdp(sharded):
         assert err < 2e-2, (name, float(err))
 
 
-
 def test_what_per_block_sharding_refuses_is_named(sharded):
     errors = sharded["errors"]
     assert "block 1's parameters are sharded (DTensor), but block 1 is not an FSDP2 unit" in errors["branch"]
     assert "fully_shard on model.blocks[1] itself" in errors["branch"]
-    assert "blocks sharded with FSDP2 (fully_shard on each block) cannot run under a torch.func transform" \
+    assert (
+        "blocks sharded with FSDP2 (fully_shard on each block) cannot run under a torch.func transform"
         in errors["transform"]
+    )

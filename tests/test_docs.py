@@ -60,8 +60,12 @@ def embed() -> None:
     """Rewrite every embedded block from its generated file: ``python tests/test_docs.py``."""
     for doc in sorted((ROOT / "docs").glob("*.md")) + [ROOT / "README.md"]:
         text = doc.read_text()
-        new = EMBED.sub(lambda m: f"<!-- generated: {m.group('path')} -->\n{(ROOT / m.group('path')).read_text()}"
-                                  "<!-- end generated -->", text)
+        new = EMBED.sub(
+            lambda m: (
+                f"<!-- generated: {m.group('path')} -->\n{(ROOT / m.group('path')).read_text()}<!-- end generated -->"
+            ),
+            text,
+        )
         if new != text:
             doc.write_text(new)
             print("updated", doc.relative_to(ROOT))

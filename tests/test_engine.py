@@ -6,11 +6,11 @@ import warnings
 
 import pytest
 import torch
+from helpers import assert_all_close, inputs
 from torch import nn
 
 import revfunc
 import revfunc.nn as rnn
-from helpers import assert_all_close, inputs
 from revfunc.testing import assert_gradients_match, assert_invertible
 
 RTOL = 1e-10
@@ -55,8 +55,13 @@ class DrawsRandom(Good):
         return super().forward(x) + 0.01 * torch.rand_like(x)
 
 
-BROKEN = {"shape": WrongShape, "inplace_input": WritesInput, "state": UpdatesState, "keyword": Good,
-          "random": DrawsRandom}
+BROKEN = {
+    "shape": WrongShape,
+    "inplace_input": WritesInput,
+    "state": UpdatesState,
+    "keyword": Good,
+    "random": DrawsRandom,
+}
 # (error type, message) each case raises on every path where it applies.
 EXPECTED = {
     "shape": (ValueError, r"block 1 branch f expected an output shaped like its input \(3, 4\), got shape \(3, 1\)"),
@@ -70,9 +75,19 @@ EXPECTED = {
 # the two that take deterministic=True (and the nn adapter, which sets it).
 PLAIN_PATHS = {"sequential_sequence", "coupling", "coupling_inverse", "nn.SequentialSequence"}
 DETERMINISTIC_PATHS = {"reversible_sequence", "reversible_vjp", "nn.ReversibleSequence"}
-PATHS = ("reversible_sequence", "sequential_sequence", "reversible_inverse", "reconstruction_error", "reversible_vjp",
-         "coupling", "coupling_inverse", "assert_invertible", "assert_gradients_match", "nn.ReversibleSequence",
-         "nn.SequentialSequence")
+PATHS = (
+    "reversible_sequence",
+    "sequential_sequence",
+    "reversible_inverse",
+    "reconstruction_error",
+    "reversible_vjp",
+    "coupling",
+    "coupling_inverse",
+    "assert_invertible",
+    "assert_gradients_match",
+    "nn.ReversibleSequence",
+    "nn.SequentialSequence",
+)
 
 
 def broken_layers(case):
@@ -117,8 +132,9 @@ def run_path(path, case):
 @pytest.mark.parametrize("case", sorted(BROKEN))
 @pytest.mark.parametrize("path", PATHS)
 def test_every_check_holds_on_every_path(path, case):
-    legal = (case in ("inplace_input", "state") and path in PLAIN_PATHS) or \
-        (case == "random" and path not in DETERMINISTIC_PATHS)
+    legal = (case in ("inplace_input", "state") and path in PLAIN_PATHS) or (
+        case == "random" and path not in DETERMINISTIC_PATHS
+    )
     if legal:
         run_path(path, case)  # plain-autograd semantics (documented): no error
         return
@@ -233,8 +249,11 @@ def test_an_unregistered_parameter_is_refused_on_backward_naming_the_block():
     # Plain autograd gives it a gradient; revfunc could not, so it refuses instead of None.
     plain_reference(layers, x).pow(2).sum().backward()
     assert shared.weight.grad is not None and shared.weight.grad.norm() > 0
-    with pytest.raises(RuntimeError, match=r"block 1 branch f .* uses a tensor that requires grad but was not "
-                                           r"passed to it \(shape \(4, 4\)"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"block 1 branch f .* uses a tensor that requires grad but was not "
+        r"passed to it \(shape \(4, 4\)",
+    ):
         rnn.ReversibleSequence(layers)(x).pow(2).sum().backward()
 
 
@@ -275,8 +294,11 @@ def test_forward_hooks_on_a_branch_module_are_warned_about_once():
     layers[1][0].lin.register_forward_hook(lambda module, args, out: captured.append(out))
     model = rnn.ReversibleSequence(layers)
     x = torch.randn(3, DIM, dtype=torch.float64, requires_grad=True)
-    with pytest.warns(UserWarning, match=r"block 1 branch f has forward hooks on submodule 'lin' \(Linear\).*"
-                                         r"fire twice"):
+    with pytest.warns(
+        UserWarning,
+        match=r"block 1 branch f has forward hooks on submodule 'lin' \(Linear\).*"
+        r"fire twice",
+    ):
         model(x).sum().backward()
     assert len(captured) == 2  # forward and the backward's recomputation, as the warning says
     with warnings.catch_warnings():
@@ -294,11 +316,17 @@ def test_inference_mode_works_like_no_grad():
     blocks, params = revfunc.pure_blocks(layers)
     x1, x2 = inputs((3, DIM), requires_grad=False)
     with torch.no_grad():
-        want = (model(x1), revfunc.reversible_sequence(blocks, params, x1, x2),
-                revfunc.reversible_inverse(blocks, params, x1, x2))
+        want = (
+            model(x1),
+            revfunc.reversible_sequence(blocks, params, x1, x2),
+            revfunc.reversible_inverse(blocks, params, x1, x2),
+        )
     with torch.inference_mode():
-        got = (model(x1), revfunc.reversible_sequence(blocks, params, x1, x2),
-               revfunc.reversible_inverse(blocks, params, x1, x2))
+        got = (
+            model(x1),
+            revfunc.reversible_sequence(blocks, params, x1, x2),
+            revfunc.reversible_inverse(blocks, params, x1, x2),
+        )
     assert_all_close(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(want), rtol=0, atol=0)
 
 
@@ -317,8 +345,9 @@ def test_double_backward_through_a_branch_using_torch_checkpoint():
         grads = torch.autograd.grad(y.pow(2).sum(), live, create_graph=True)
         return torch.autograd.grad(sum(g.pow(2).sum() for g in grads), live)
 
-    assert_all_close(second_order(rnn.ReversibleSequence(layers)(x)), second_order(plain_reference(layers, x)),
-                     rtol=1e-9)
+    assert_all_close(
+        second_order(rnn.ReversibleSequence(layers)(x)), second_order(plain_reference(layers, x)), rtol=1e-9
+    )
 
 
 def test_an_output_dtype_that_widens_the_stream_is_refused():
@@ -327,6 +356,9 @@ def test_an_output_dtype_that_widens_the_stream_is_refused():
 
     x1, x2 = inputs((3, DIM), dtype=torch.float32)
     for call in (revfunc.reversible_sequence, revfunc.sequential_sequence):
-        with pytest.raises(TypeError, match=r"block 0 branch f expected a floating output no wider than its "
-                                            r"input's dtype torch.float32, got dtype torch.float64"):
+        with pytest.raises(
+            TypeError,
+            match=r"block 0 branch f expected a floating output no wider than its "
+            r"input's dtype torch.float32, got dtype torch.float64",
+        ):
             call([(widens, widens)], [({}, {})], x1, x2)

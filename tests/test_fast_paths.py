@@ -9,12 +9,12 @@
 
 import pytest
 import torch
+from helpers import assert_all_close
 from torch import nn
 
 import revfunc
 import revfunc.nn as rnn
 import revfunc.random
-from helpers import assert_all_close
 from revfunc._function import ReversibleSequenceFunction, function_for
 from revfunc.testing.blocks import mlp_layers, transformer_layers
 

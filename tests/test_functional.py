@@ -2,10 +2,10 @@
 
 import pytest
 import torch
+from helpers import assert_all_close
 from torch import nn
 
 import revfunc
-from helpers import assert_all_close
 
 
 def test_pure_matches_functional_call_with_live_and_other_params():

@@ -4,11 +4,11 @@ exactly once, and equal plain autograd's. (Memory: tests/test_memory.py.)"""
 
 import pytest
 import torch
+from helpers import assert_all_close
 from torch import nn
 
 import revfunc
 import revfunc.nn as rnn
-from helpers import assert_all_close
 from revfunc.testing.blocks import transformer_layers
 
 RTOL = 1e-10
@@ -90,8 +90,12 @@ def test_a_blocks_gradients_arrive_before_the_block_below_is_recomputed():
 def test_a_parameter_shared_by_two_blocks_accumulates_once_with_both_terms():
     torch.manual_seed(0)
     shared = nn.Linear(DIM, DIM).double()
-    layers = nn.ModuleList([nn.ModuleList([nn.Sequential(shared, nn.Tanh()), nn.Sequential(nn.Linear(DIM, DIM), nn.Tanh())])
-                            for _ in range(3)]).double()
+    layers = nn.ModuleList(
+        [
+            nn.ModuleList([nn.Sequential(shared, nn.Tanh()), nn.Sequential(nn.Linear(DIM, DIM), nn.Tanh())])
+            for _ in range(3)
+        ]
+    ).double()
     x = torch.randn(3, DIM, dtype=torch.float64, requires_grad=True)
     want = torch.autograd.grad(plain_loss(layers, x), [x, *layers.parameters()])
     calls = []

@@ -24,8 +24,11 @@ COMPILED_PATHS = ("compile_step", "compile_model_backward")
 # Depths per path and method: plain autograd at two depths shows that the measurement
 # sees depth; revfunc, whose steps are cheap at any depth, over a longer range, so that a
 # stream tensor per block would stand well above the RSS noise.
-DEPTHS = {**{(p, "plain"): (4, 16) for p in EAGER_PATHS}, **{(p, "revfunc"): (4, 32) for p in EAGER_PATHS},
-          **{(p, m): (2, 8) for p in COMPILED_PATHS for m in ("revfunc", "plain")}}
+DEPTHS = {
+    **{(p, "plain"): (4, 16) for p in EAGER_PATHS},
+    **{(p, "revfunc"): (4, 32) for p in EAGER_PATHS},
+    **{(p, m): (2, 8) for p in COMPILED_PATHS for m in ("revfunc", "plain")},
+}
 CASES = [(p, m, d) for p in EAGER_PATHS + COMPILED_PATHS for m in ("revfunc", "plain") for d in DEPTHS[p, m]]
 #: One stream tensor of the memprobe cases (batch 4 x 256 tokens x d=64, float32).
 STREAM = 4 * 256 * 64 * 4
@@ -35,7 +38,7 @@ STREAM = 4 * 256 * 64 * 4
 #: per-sample gradients are the largest returned values: 6.0, 7.3 and 7.5 MiB at depth
 #: 4, 16 and 32, a one-off step, flat after it).
 STREAMS_PER_BLOCK = 0.25
-RSS_NOISE = 2 * 2 ** 20
+RSS_NOISE = 2 * 2**20
 # Training setups on the wide, short case (d=128, 1 x 512 tokens; one block's gradients
 # are about 3 stream tensors): gradients pre-allocated (accumulation), and an optimizer
 # step in a post-accumulate-grad hook that frees each gradient (optimizer in backward).
@@ -54,8 +57,13 @@ def measured():
     # Compiled cases first: they take longest.
     order = sorted(CASES, key=lambda c: c[0] not in COMPILED_PATHS)
     env = {**os.environ, **WORKER_ENV, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run([sys.executable, str(PROBE), "--all", *(":".join(map(str, c)) for c in order)], env=env,
-                         capture_output=True, text=True, timeout=1200)
+    out = subprocess.run(
+        [sys.executable, str(PROBE), "--all", *(":".join(map(str, c)) for c in order)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+    )
     if out.returncode:
         raise RuntimeError(f"memprobe failed:\n{out.stderr[-3000:]}")
     records = [json.loads(line) for line in out.stdout.strip().splitlines()]
@@ -65,14 +73,16 @@ def measured():
 @pytest.mark.parametrize("path", EAGER_PATHS + COMPILED_PATHS)
 def test_activation_memory_is_flat_in_depth(measured, path):
     (rs, rd), (ps, pd) = DEPTHS[path, "revfunc"], DEPTHS[path, "plain"]
-    mib = {k: round(v / 2 ** 20, 1) for k, v in measured.items() if k[0] == path}
+    mib = {k: round(v / 2**20, 1) for k, v in measured.items() if k[0] == path}
     rev_s, rev_d = measured[path, "revfunc", rs], measured[path, "revfunc", rd]
     plain_s, plain_d = measured[path, "plain", ps], measured[path, "plain", pd]
     # The measurement sees depth: plain autograd stores every block's activations.
     assert plain_d > 2 * plain_s, f"plain autograd did not grow with depth: {mib}"
     allowed = STREAMS_PER_BLOCK * STREAM * (rd - rs) + RSS_NOISE
-    assert rev_d - rev_s <= allowed, (f"revfunc grew {(rev_d - rev_s) / STREAM / (rd - rs):.2f} stream tensors per "
-                                      f"block on {path} (allowed {STREAMS_PER_BLOCK} plus {RSS_NOISE} B): {mib}")
+    assert rev_d - rev_s <= allowed, (
+        f"revfunc grew {(rev_d - rev_s) / STREAM / (rd - rs):.2f} stream tensors per "
+        f"block on {path} (allowed {STREAMS_PER_BLOCK} plus {RSS_NOISE} B): {mib}"
+    )
     assert rev_d <= 0.25 * plain_d, f"revfunc stores more than a quarter of plain autograd on {path}: {mib}"
 
 
@@ -92,23 +102,38 @@ def test_gradients_leave_block_by_block_so_training_setups_stay_flat(measured, p
 
 def render(results, torch_version: str, date: str, command: str) -> str:
     """The measured table as markdown, with its command, date and torch version."""
-    lines = [f"Command: `{command}`; measured {date}, "
-             f"torch {torch_version}. Activation MiB of one gradient step (peak RSS above the level before, "
-             "with gradients pre-allocated on `.backward()` and returned gradients subtracted elsewhere; "
-             "`_live`: live parameters), depth shallow → deep.", "",
-             "| path | depths (revfunc / plain) | revfunc | plain autograd |", "| --- | --- | --- | --- |"]
+    lines = [
+        (
+            f"Command: `{command}`; measured {date}, "
+            f"torch {torch_version}. Activation MiB of one gradient step (peak RSS above the level before, "
+            "with gradients pre-allocated on `.backward()` and returned gradients subtracted elsewhere; "
+            "`_live`: live parameters), depth shallow → deep."
+        ),
+        "",
+        "| path | depths (revfunc / plain) | revfunc | plain autograd |",
+        "| --- | --- | --- | --- |",
+    ]
     for path in EAGER_PATHS + COMPILED_PATHS:
-        def mib(method):
-            return " → ".join(f"{results[path, method, k] / 2 ** 20:.1f}" for k in DEPTHS[path, method])
+
+        def mib(method, path=path):
+            return " → ".join(f"{results[path, method, k] / 2**20:.1f}" for k in DEPTHS[path, method])
 
         depths = " / ".join(" → ".join(map(str, DEPTHS[path, m])) for m in ("revfunc", "plain"))
         lines.append(f"| {path} | {depths} | {mib('revfunc')} | {mib('plain')} |")
-    lines += ["", "Training setups, d=128, 1 x 512 tokens (one stream tensor = 0.25 MiB), depth "
-              f"{' → '.join(map(str, TRAINING_DEPTHS))}, activation MiB:", "",
-              "| setup | revfunc | checkpoint |", "| --- | --- | --- |"]
+    lines += [
+        "",
+        (
+            "Training setups, d=128, 1 x 512 tokens (one stream tensor = 0.25 MiB), depth "
+            f"{' → '.join(map(str, TRAINING_DEPTHS))}, activation MiB:"
+        ),
+        "",
+        "| setup | revfunc | checkpoint |",
+        "| --- | --- | --- |",
+    ]
     for path in TRAINING_PATHS:
-        cells = [" → ".join(f"{results[path, m, k] / 2 ** 20:.1f}" for k in TRAINING_DEPTHS)
-                 for m in ("revfunc", "checkpoint")]
+        cells = [
+            " → ".join(f"{results[path, m, k] / 2**20:.1f}" for k in TRAINING_DEPTHS) for m in ("revfunc", "checkpoint")
+        ]
         lines.append(f"| {path} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

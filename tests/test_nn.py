@@ -4,14 +4,14 @@ import copy
 import os
 import tempfile
 
+import classic
 import pytest
 import torch
+from helpers import assert_all_close, spawn_and_wait
 from torch import nn
 
-import classic
 import revfunc
 import revfunc.nn as rnn
-from helpers import assert_all_close, spawn_and_wait
 from revfunc.bench.sharded import finish_gloo, init_gloo
 from revfunc.testing.blocks import transformer_layers
 
@@ -58,8 +58,8 @@ def test_classic_checkpoint_loads_strictly_and_gives_the_same_outputs_and_gradie
     x_old, x_new = x.clone().requires_grad_(), x.clone().requires_grad_()
     y_old, y_new = old(x_old, mask=mask), new(x_new, mask=mask)
     assert_all_close([y_new], [y_old], rtol=1e-10)
-    g_old = classic_grads(old, (y_old ** 2).sum())
-    g_new = named_grads(new, (y_new ** 2).sum())
+    g_old = classic_grads(old, (y_old**2).sum())
+    g_new = named_grads(new, (y_new**2).sum())
     assert list(g_new) == list(g_old)
     assert_all_close(list(g_new.values()), list(g_old.values()), rtol=1e-10)
 
@@ -120,8 +120,9 @@ def test_sequential_sequence_matches_the_classic_one():
     x, mask = batch()
     y_old, y_new = old(x, mask=mask), new(x, mask=mask)
     assert_all_close([y_new], [y_old], rtol=1e-10)
-    assert_all_close(list(named_grads(new, y_new.sum()).values()), list(named_grads(old, y_old.sum()).values()),
-                     rtol=1e-10)
+    assert_all_close(
+        list(named_grads(new, y_new.sum()).values()), list(named_grads(old, y_old.sum()).values()), rtol=1e-10
+    )
 
 
 def test_reversible_block_round_trip_and_odd_width_error():
@@ -129,13 +130,17 @@ def test_reversible_block_round_trip_and_odd_width_error():
     block = rnn.ReversibleBlock(nn.Linear(4, 4), nn.Linear(4, 4)).double()
     x = torch.randn(3, 8, dtype=torch.float64)
     assert_all_close([block.inverse(block(x))], [x], rtol=1e-10, atol=1e-12)
-    with pytest.raises(ValueError, match=r"x needs an even last dim to split into \(x1, x2\); got x.shape=\(4, 128, 7\)"):
+    with pytest.raises(
+        ValueError, match=r"x needs an even last dim to split into \(x1, x2\); got x.shape=\(4, 128, 7\)"
+    ):
         block(torch.zeros(4, 128, 7, dtype=torch.float64))
 
 
 def test_batchnorm_is_rejected_at_construction_naming_the_submodule():
     layers = nn.ModuleList([nn.ModuleList([nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), nn.Linear(4, 4)])])
-    with pytest.raises(ValueError, match=r"submodule 'blocks.0.f.net.1' \(BatchNorm1d\) updates its running statistics"):
+    with pytest.raises(
+        ValueError, match=r"submodule 'blocks.0.f.net.1' \(BatchNorm1d\) updates its running statistics"
+    ):
         rnn.ReversibleSequence(layers)
 
 
@@ -153,7 +158,6 @@ DDP_SETUPS = [(True, False), (False, False), (False, True)]  # (find_unused_para
 
 def _ddp_worker(rank, world, init_file, out_dir):
     """Every DDP setup in turn (one spawn): each rank's gradients and their ready order."""
-    import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     init_gloo(rank, world, init_file)
@@ -167,10 +171,12 @@ def _ddp_worker(rank, world, init_file, out_dir):
         names = {p: n for n, p in model.named_parameters()}
         ready = []  # parameter names in the order their gradients reached .grad
         for p in names:
-            p.register_post_accumulate_grad_hook(lambda p: ready.append(names[p]))
+            p.register_post_accumulate_grad_hook(lambda p, ready=ready, names=names: ready.append(names[p]))
         ddp(x[sl], mask=mask[sl], generator=torch.Generator().manual_seed(rank)).pow(2).mean().backward()
-        saved[find_unused, bucket_view] = {"grads": {n: p.grad.clone() for n, p in model.named_parameters()},
-                                           "ready": ready}
+        saved[find_unused, bucket_view] = {
+            "grads": {n: p.grad.clone() for n, p in model.named_parameters()},
+            "ready": ready,
+        }
     if rank == 0:
         torch.save(saved, os.path.join(out_dir, "grads.pt"))
     finish_gloo(rank, init_file)
@@ -208,8 +214,15 @@ def test_ddp_gradients_equal_a_single_process_run_over_the_whole_batch(ddp_runs,
     assert last_of_block_1 < first_of_block_0, ready
     model = _ddp_model()
     x, mask = _ddp_batch()
-    loss = sum(model(x[r * 2:(r + 1) * 2], mask=mask[r * 2:(r + 1) * 2], generator=torch.Generator().manual_seed(r))
-               .pow(2).mean() for r in range(2)) / 2
+    loss = (
+        sum(
+            model(x[r * 2 : (r + 1) * 2], mask=mask[r * 2 : (r + 1) * 2], generator=torch.Generator().manual_seed(r))
+            .pow(2)
+            .mean()
+            for r in range(2)
+        )
+        / 2
+    )
     want = named_grads(model, loss)
     assert list(got) == list(want)
     assert_all_close(list(got.values()), list(want.values()), rtol=1e-10)

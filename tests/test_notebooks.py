@@ -21,7 +21,9 @@ def test_there_are_four_notebooks():
 def test_notebook_executes(path, tmp_path):
     notebook = nbformat.read(path, as_version=4)
     # A generous per-cell timeout: a loaded 2-core machine must not fail a notebook.
-    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    ).execute()
 
 
 if __name__ == "__main__":
@@ -30,6 +32,8 @@ if __name__ == "__main__":
     for path in NOTEBOOKS:
         notebook = nbformat.read(path, as_version=4)
         with tempfile.TemporaryDirectory() as work:
-            NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": work}}).execute()
+            NotebookClient(
+                notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": work}}
+            ).execute()
         nbformat.write(notebook, path)
         print("executed and saved", path.name)

@@ -1,12 +1,12 @@
 """Mixed precision replay, reconstruction drift, its check and checkpoint_every."""
 
+import classic
 import pytest
 import torch
+from helpers import flat_params, inputs, loss_of, make_stack, saved_bytes
 
-import classic
 import revfunc
 import revfunc.nn as rnn
-from helpers import flat_params, inputs, loss_of, make_stack, saved_bytes
 from revfunc.testing.blocks import transformer_layers
 
 CLASSIC = classic.CLASSIC
@@ -86,7 +86,9 @@ def test_check_reconstruction_names_the_ill_conditioned_block():
     x1, x2 = (t.half() for t in inputs((4, 6), requires_grad=False))
     errors = revfunc.reconstruction_error(blocks, params, x1, x2)
     assert errors[3] < 1e-2 < errors[2]
-    with pytest.raises(revfunc.ReconstructionError, match=r"block 2's input rebuilt .* relative error .* > tolerance 0.01"):
+    with pytest.raises(
+        revfunc.ReconstructionError, match=r"block 2's input rebuilt .* relative error .* > tolerance 0.01"
+    ):
         revfunc.reversible_sequence(blocks, params, x1, x2, check_reconstruction=1e-2)
     y = revfunc.reversible_sequence(blocks, params[:2] + params[3:] + params[:1], x1, x2, check_reconstruction=1e-2)
     assert y[0].dtype == torch.float16
@@ -101,8 +103,10 @@ def test_checkpoint_every_bounds_drift_and_keeps_memory_o_of_l_over_k():
 
     def activation_bytes(k):
         x1r, x2r = x1.clone().requires_grad_(), x2.clone().requires_grad_()
-        n, _ = saved_bytes(lambda: revfunc.reversible_sequence(blocks, params, x1r, x2r, checkpoint_every=k),
-                           exclude=flat_params(params))
+        n, _ = saved_bytes(
+            lambda: revfunc.reversible_sequence(blocks, params, x1r, x2r, checkpoint_every=k),
+            exclude=flat_params(params),
+        )
         return n
 
     one_pair = 2 * x1.numel() * x1.element_size()

@@ -2,16 +2,17 @@
 
 import pytest
 import torch
+from helpers import assert_all_close, flat_params, inputs, loss_of, make_pure_stack, make_stack
 
 import revfunc
-from helpers import assert_all_close, flat_params, inputs, loss_of, make_pure_stack, make_stack
 from revfunc.random import accepts_generator, derive_seed, draw_base_seed, dropout, fork_and_seed
 
 
 def grads_with(fn, blocks, params, x1, x2, seed, **kw):
     gen = torch.Generator().manual_seed(seed)
-    return torch.autograd.grad(loss_of(*fn(blocks, params, x1, x2, generator=gen, **kw)),
-                               [x1, x2, *flat_params(params)])
+    return torch.autograd.grad(
+        loss_of(*fn(blocks, params, x1, x2, generator=gen, **kw)), [x1, x2, *flat_params(params)]
+    )
 
 
 def pure_dropout_branch(p, x, generator=None):
@@ -138,19 +139,51 @@ def test_the_generator_check_keeps_no_branch_function_alive():
     assert sum(ref() is not None for ref in captured) == 0
 
 
-@pytest.mark.parametrize("call, error, pattern", [
-    (lambda: derive_seed(1.5, 0, 0), TypeError, r"revfunc.random.derive_seed: base expected an int, got float 1.5"),
-    (lambda: derive_seed(1, "0", 0), TypeError, r"derive_seed: index expected an int, got str '0'"),
-    (lambda: fork_and_seed(2 ** 70).__enter__(), ValueError,
-     r"revfunc.random.fork_and_seed: seed expected an int in \[0, 2\*\*64\), got 1180591620717411303424"),
-    (lambda: fork_and_seed(0.5).__enter__(), TypeError, r"fork_and_seed: seed expected an int in \[0, 2\*\*64\), got float"),
-    (lambda: fork_and_seed(1, "nonsense").__enter__(), ValueError, r"fork_and_seed: device expected a torch.device"),
-    (lambda: dropout(torch.ones(2), "0.1", None), TypeError, r"revfunc.random.dropout: p expected a float probability"),
-    (lambda: dropout([1.0], 0.1, None), TypeError, r"revfunc.random.dropout: x expected a floating-point torch.Tensor"),
-    (lambda: dropout(torch.ones(2), 0.1, 3), TypeError, r"revfunc.random.dropout: generator expected None or a "
-                                                        r"torch.Generator, got int 3"),
-    (lambda: draw_base_seed(3), TypeError, r"revfunc.random.draw_base_seed: generator expected None or a torch.Generator"),
-])
+@pytest.mark.parametrize(
+    "call, error, pattern",
+    [
+        (lambda: derive_seed(1.5, 0, 0), TypeError, r"revfunc.random.derive_seed: base expected an int, got float 1.5"),
+        (lambda: derive_seed(1, "0", 0), TypeError, r"derive_seed: index expected an int, got str '0'"),
+        (
+            lambda: fork_and_seed(2**70).__enter__(),
+            ValueError,
+            r"revfunc.random.fork_and_seed: seed expected an int in \[0, 2\*\*64\), got 1180591620717411303424",
+        ),
+        (
+            lambda: fork_and_seed(0.5).__enter__(),
+            TypeError,
+            r"fork_and_seed: seed expected an int in \[0, 2\*\*64\), got float",
+        ),
+        (
+            lambda: fork_and_seed(1, "nonsense").__enter__(),
+            ValueError,
+            r"fork_and_seed: device expected a torch.device",
+        ),
+        (
+            lambda: dropout(torch.ones(2), "0.1", None),
+            TypeError,
+            r"revfunc.random.dropout: p expected a float probability",
+        ),
+        (
+            lambda: dropout([1.0], 0.1, None),
+            TypeError,
+            r"revfunc.random.dropout: x expected a floating-point torch.Tensor",
+        ),
+        (
+            lambda: dropout(torch.ones(2), 0.1, 3),
+            TypeError,
+            (
+                r"revfunc.random.dropout: generator expected None or a "
+                r"torch.Generator, got int 3"
+            ),
+        ),
+        (
+            lambda: draw_base_seed(3),
+            TypeError,
+            r"revfunc.random.draw_base_seed: generator expected None or a torch.Generator",
+        ),
+    ],
+)
 def test_bad_input_to_the_random_helpers_names_the_argument(call, error, pattern):
     with pytest.raises(error, match=pattern):
         call()
@@ -158,6 +191,9 @@ def test_bad_input_to_the_random_helpers_names_the_argument(call, error, pattern
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a build or machine without CUDA")
 def test_fork_and_seed_on_an_unavailable_device_says_so():
-    with pytest.raises(ValueError, match=r"fork_and_seed: device expected a device this torch build can use, got cuda "
-                                         r"\(torch.cuda is not available here\)"):
+    with pytest.raises(
+        ValueError,
+        match=r"fork_and_seed: device expected a device this torch build can use, got cuda "
+        r"\(torch.cuda is not available here\)",
+    ):
         fork_and_seed(1, "cuda").__enter__()

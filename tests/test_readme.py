@@ -36,8 +36,9 @@ def blocks():
 def _run(code: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k not in ("CI", "HYPOTHESIS_PROFILE")}
     with tempfile.TemporaryDirectory() as cwd:  # blocks may write files (a checkpoint)
-        return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
-                              timeout=600)
+        return subprocess.run(
+            [sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True, timeout=600
+        )
 
 
 @pytest.fixture(scope="module")

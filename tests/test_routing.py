@@ -1,9 +1,9 @@
 """route_args and layer_drop: classic-compatible results, strict errors."""
 
+import classic
 import pytest
 import torch
 
-import classic
 import revfunc
 
 CLASSIC = classic.CLASSIC
@@ -16,12 +16,16 @@ def test_route_args_matches_the_classic_routes():
 
 
 def test_unrouted_keyword_is_an_error_not_dropped():
-    with pytest.raises(ValueError, match=r"kwargs expected only keywords the router routes \(\['mask'\]\), got unrouted \['context'\]"):
+    with pytest.raises(
+        ValueError, match=r"kwargs expected only keywords the router routes \(\['mask'\]\), got unrouted \['context'\]"
+    ):
         revfunc.route_args({"mask": ((True, False),) * 2}, {"mask": 1, "context": 2}, 2)
 
 
 def test_route_of_wrong_length_is_an_error():
-    with pytest.raises(ValueError, match=r"router\['mask'\] has 3 \(to_f, to_g\) pairs but depth=4; give one per block"):
+    with pytest.raises(
+        ValueError, match=r"router\['mask'\] has 3 \(to_f, to_g\) pairs but depth=4; give one per block"
+    ):
         revfunc.route_args({"mask": ((True, False),) * 3}, {"mask": 1}, 4)
 
 

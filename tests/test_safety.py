@@ -5,13 +5,13 @@ import copy
 
 import pytest
 import torch
+from helpers import assert_all_close, inputs, make_pure_stack
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
 
 import revfunc
 import revfunc.nn as rnn
-from helpers import assert_all_close, inputs, make_pure_stack
 from revfunc.testing.blocks import mlp_layers
 
 RTOL = 1e-10
@@ -86,24 +86,31 @@ def test_modules_edited_after_construction_are_followed(edit):
 def test_spectral_norm_hook_api_is_refused_naming_block_and_module():
     model = small_model()
     torch.nn.utils.spectral_norm(model.blocks[1].f.net[0])
-    with pytest.raises(ValueError, match=r"block 1 branch f modified parameter/buffer '0.weight_u' \(module '0', "
-                                         r"Linear\) in place"):
+    with pytest.raises(
+        ValueError,
+        match=r"block 1 branch f modified parameter/buffer '0.weight_u' \(module '0', "
+        r"Linear\) in place",
+    ):
         model(X)
 
 
 def test_spectral_norm_parametrization_is_refused_naming_block_and_module():
     model = small_model()
     torch.nn.utils.parametrizations.spectral_norm(model.blocks[0].g.net[3])
-    with pytest.raises(ValueError, match=r"block 0 branch g modified parameter/buffer "
-                                         r"'3.parametrizations.weight.0._u' \(module '3.parametrizations.weight.0', "
-                                         r"_SpectralNorm\) in place"):
+    with pytest.raises(
+        ValueError,
+        match=r"block 0 branch g modified parameter/buffer "
+        r"'3.parametrizations.weight.0._u' \(module '3.parametrizations.weight.0', "
+        r"_SpectralNorm\) in place",
+    ):
         model(X)
 
 
 def batchnorm_stack():
     torch.manual_seed(0)
-    layers = nn.ModuleList(nn.ModuleList([nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), nn.Linear(4, 4)])
-                           for _ in range(2)).double()
+    layers = nn.ModuleList(
+        nn.ModuleList([nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), nn.Linear(4, 4)]) for _ in range(2)
+    ).double()
     return layers, *revfunc.pure_blocks(layers)
 
 
@@ -117,8 +124,11 @@ def test_batchnorm_on_the_functional_path_is_refused_and_updates_once(path):
         "assert_invertible": lambda: revfunc.testing.assert_invertible(blocks, params, x1, x2),
         "reconstruction_error": lambda: revfunc.reconstruction_error(blocks, params, x1, x2),
     }[path]
-    with pytest.raises(ValueError, match=r"block 0 branch f modified parameter/buffer '1.num_batches_tracked' "
-                                         r"\(module '1', BatchNorm1d\) in place"):
+    with pytest.raises(
+        ValueError,
+        match=r"block 0 branch f modified parameter/buffer '1.num_batches_tracked' "
+        r"\(module '1', BatchNorm1d\) in place",
+    ):
         call()
     assert int(layers[0][0][1].num_batches_tracked) == 1  # as one plain forward would leave it
 
@@ -138,8 +148,9 @@ def test_batchnorm_in_eval_mode_is_accepted_and_exact():
 
 def test_inplace_relu_in_the_adapter_is_refused_and_the_caller_x_is_untouched():
     torch.manual_seed(0)
-    layers = nn.ModuleList(nn.ModuleList([nn.Sequential(nn.ReLU(inplace=True), nn.Linear(4, 4)), nn.Linear(4, 4)])
-                           for _ in range(2)).double()
+    layers = nn.ModuleList(
+        nn.ModuleList([nn.Sequential(nn.ReLU(inplace=True), nn.Linear(4, 4)), nn.Linear(4, 4)]) for _ in range(2)
+    ).double()
     model = rnn.ReversibleSequence(layers)
     x = X.clone()
     with pytest.raises(ValueError, match=r"block 0 branch f modified its input x in place"):
@@ -220,8 +231,11 @@ def test_a_random_branch_declared_deterministic_is_caught():
     blocks, params = make_pure_stack(2)
     blocks = [blocks[0], (blocks[1][0], noisy)]
     x1, x2 = inputs((2, 5))
-    with pytest.raises(RuntimeError, match=r"block 1 branch g drew random numbers from the global RNG, but the call "
-                                           r"was declared deterministic"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"block 1 branch g drew random numbers from the global RNG, but the call "
+        r"was declared deterministic",
+    ):
         revfunc.reversible_sequence(blocks, params, x1, x2, deterministic=True)
 
 
@@ -230,8 +244,9 @@ def test_deterministic_stack_declared_deterministic_is_exact_and_leaves_the_rng(
     x1, x2 = inputs((2, 5))
     state = torch.get_rng_state()
     wrt = [x1, x2, *(t for pair in params for p in pair for t in p.values())]
-    got = torch.autograd.grad(sum(t.sum() for t in revfunc.reversible_sequence(blocks, params, x1, x2,
-                                                                             deterministic=True)), wrt)
+    got = torch.autograd.grad(
+        sum(t.sum() for t in revfunc.reversible_sequence(blocks, params, x1, x2, deterministic=True)), wrt
+    )
     assert torch.equal(torch.get_rng_state(), state)
     want = torch.autograd.grad(sum(t.sum() for t in revfunc.sequential_sequence(blocks, params, x1, x2)), wrt)
     assert_all_close(got, want, rtol=RTOL)
@@ -241,7 +256,7 @@ def test_deterministic_stack_declared_deterministic_is_exact_and_leaves_the_rng(
 
 
 def test_coupling_refuses_halves_of_different_shapes():
-    f = g = lambda p, x: x  # noqa: E731
+    f = g = lambda p, x: x
     with pytest.raises(ValueError, match=r"revfunc.coupling: x2 expected the shape of x1 \(2, 4\), got \(1, 4\)"):
         revfunc.coupling(f, g, {}, {}, torch.zeros(2, 4), torch.zeros(1, 4))
     with pytest.raises(ValueError, match=r"revfunc.coupling_inverse: y2 expected the shape of y1"):
@@ -249,21 +264,27 @@ def test_coupling_refuses_halves_of_different_shapes():
 
 
 @pytest.mark.parametrize("cls", [rnn.ReversibleSequence, rnn.SequentialSequence])
-@pytest.mark.parametrize("value, error, pattern", [
-    (-0.5, ValueError, r"layer_dropout expected a probability in \[0, 1\), got -0.5"),
-    (float("nan"), ValueError, r"layer_dropout expected a probability in \[0, 1\), got nan"),
-    ("0.1", TypeError, r"layer_dropout expected a float probability in \[0, 1\), got str '0.1'"),
-])
+@pytest.mark.parametrize(
+    "value, error, pattern",
+    [
+        (-0.5, ValueError, r"layer_dropout expected a probability in \[0, 1\), got -0.5"),
+        (float("nan"), ValueError, r"layer_dropout expected a probability in \[0, 1\), got nan"),
+        ("0.1", TypeError, r"layer_dropout expected a float probability in \[0, 1\), got str '0.1'"),
+    ],
+)
 def test_bad_layer_dropout_is_refused(cls, value, error, pattern):
     with pytest.raises(error, match=pattern):
         cls(mlp_layers(2, 4), layer_dropout=value)
 
 
-@pytest.mark.parametrize("value, error, pattern", [
-    (0, ValueError, r"check_reconstruction expected a finite tolerance > 0 \(False turns it off\), got 0"),
-    (-1, ValueError, r"check_reconstruction expected a finite tolerance > 0 \(False turns it off\), got -1"),
-    ("1e-3", TypeError, r"check_reconstruction expected None, a bool or a float tolerance > 0, got str"),
-])
+@pytest.mark.parametrize(
+    "value, error, pattern",
+    [
+        (0, ValueError, r"check_reconstruction expected a finite tolerance > 0 \(False turns it off\), got 0"),
+        (-1, ValueError, r"check_reconstruction expected a finite tolerance > 0 \(False turns it off\), got -1"),
+        ("1e-3", TypeError, r"check_reconstruction expected None, a bool or a float tolerance > 0, got str"),
+    ],
+)
 def test_bad_check_reconstruction_is_refused(value, error, pattern):
     blocks, params = make_pure_stack(2)
     x1, x2 = inputs((2, 5))
@@ -280,11 +301,14 @@ def test_empty_containers_behave_like_the_classic_ones():
 
 
 @pytest.mark.parametrize("cls", [rnn.ReversibleSequence, rnn.SequentialSequence])
-@pytest.mark.parametrize("layers, got", [
-    (lambda: nn.ModuleList([nn.Linear(4, 4)]), "Linear"),
-    (lambda: [[nn.Linear(4, 4)] * 3], "list"),
-    (lambda: [(torch.tanh, torch.tanh)], "list"),
-])
+@pytest.mark.parametrize(
+    "layers, got",
+    [
+        (lambda: nn.ModuleList([nn.Linear(4, 4)]), "Linear"),
+        (lambda: [[nn.Linear(4, 4)] * 3], "list"),
+        (lambda: [(torch.tanh, torch.tanh)], "list"),
+    ],
+)
 def test_malformed_layers_are_named(cls, layers, got):
     with pytest.raises(TypeError, match=rf"layers\[0\] expected a pair \(f, g\) of nn.Modules, got {got}"):
         cls(layers())
@@ -300,8 +324,11 @@ def test_zero_size_batch_has_no_drift():
 
 def test_a_routed_keyword_the_branch_does_not_take_names_the_block():
     model = rnn.ReversibleSequence(mlp_layers(2, 4), args_route={"mask": ((False, False), (True, False))})
-    with pytest.raises(TypeError, match=r"block 1 branch f \(PureModule\(Sequential\)\) raised: .*unexpected "
-                                        r"keyword argument 'mask'"):
+    with pytest.raises(
+        TypeError,
+        match=r"block 1 branch f \(PureModule\(Sequential\)\) raised: .*unexpected "
+        r"keyword argument 'mask'",
+    ):
         model(torch.randn(3, 4), mask=torch.ones(3, dtype=torch.bool))
 
 
@@ -326,7 +353,7 @@ def test_a_backward_recomputation_error_names_the_block():
 # --- property: callers' tensors, the RNG and buffers are left as a plain forward would -----
 
 
-@given(depth=st.integers(1, 6), seed=st.integers(0, 2 ** 16), dropout=st.sampled_from([0.0, 0.3]))
+@given(depth=st.integers(1, 6), seed=st.integers(0, 2**16), dropout=st.sampled_from([0.0, 0.3]))
 def test_random_stacks_leave_inputs_rng_and_buffers_as_a_plain_forward(depth, seed, dropout):
     torch.manual_seed(seed)
     layers = mlp_layers(depth, 4, hidden=6, dropout=dropout).double()
@@ -361,10 +388,13 @@ def test_a_branch_returning_a_tuple_is_named_with_shapes_never_values():
     torch.manual_seed(0)
     model = rnn.ReversibleSequence(nn.ModuleList([nn.ModuleList([ReturnsAttentionTuple(), nn.Linear(4, 4)])]))
     x = torch.full((2, 3, 4), 0.123456)
-    with pytest.raises(ValueError, match=r"^revfunc.nn.ReversibleSequence: block 0 branch f expected an output "
-                                         r"shaped like its input \(2, 3, 4\), got tuple\(Tensor\(shape=\(2, 3, 4\), "
-                                         r"dtype=torch.float32, device=cpu\), Tensor\(shape=\(2, 3, 3\).*"
-                                         r"nn.MultiheadAttention returns \(output, weights\)") as error:
+    with pytest.raises(
+        ValueError,
+        match=r"^revfunc.nn.ReversibleSequence: block 0 branch f expected an output "
+        r"shaped like its input \(2, 3, 4\), got tuple\(Tensor\(shape=\(2, 3, 4\), "
+        r"dtype=torch.float32, device=cpu\), Tensor\(shape=\(2, 3, 3\).*"
+        r"nn.MultiheadAttention returns \(output, weights\)",
+    ) as error:
         model(x)
     assert "0.123" not in str(error.value) and "tensor(" not in str(error.value)
 
@@ -376,8 +406,11 @@ def test_errors_through_the_adapter_name_the_container_and_its_plain_twin():
 
     torch.manual_seed(0)
     model = rnn.ReversibleSequence(nn.ModuleList([nn.ModuleList([nn.Linear(4, 4), Doubles()])]))
-    with pytest.raises(ValueError, match=r"^revfunc.nn.ReversibleSequence: block 0 branch g modified its input x "
-                                         r"in place.*or use revfunc.nn.SequentialSequence\.$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^revfunc.nn.ReversibleSequence: block 0 branch g modified its input x "
+        r"in place.*or use revfunc.nn.SequentialSequence\.$",
+    ):
         model(torch.randn(2, 4))
     block = model.blocks[0]
     with pytest.raises(ValueError, match=r"^revfunc.nn.ReversibleBlock: block 0 branch g modified its input x"):
@@ -388,8 +421,9 @@ def test_errors_through_the_adapter_name_the_container_and_its_plain_twin():
 
 def _lazy_layers(depth=2):
     torch.manual_seed(0)
-    return nn.ModuleList(nn.ModuleList([nn.Sequential(nn.LazyLinear(4), nn.Tanh()), nn.LazyLinear(4)])
-                         for _ in range(depth)).double()
+    return nn.ModuleList(
+        nn.ModuleList([nn.Sequential(nn.LazyLinear(4), nn.Tanh()), nn.LazyLinear(4)]) for _ in range(depth)
+    ).double()
 
 
 def test_lazy_modules_are_materialized_by_the_first_forward_then_train_as_plain_autograd():
@@ -404,7 +438,10 @@ def test_lazy_modules_are_materialized_by_the_first_forward_then_train_as_plain_
 def test_lazy_modules_on_the_functional_path_are_refused_with_the_fix():
     blocks, params = revfunc.pure_blocks(_lazy_layers(1))
     x = torch.randn(3, 4, dtype=torch.float64)
-    with pytest.raises(TypeError, match=r"^revfunc.reversible_sequence: block 0 branch f parameter '0.weight' "
-                                        r"expected an initialized tensor, got an uninitialized parameter of a lazy "
-                                        r"module .*call each branch module once on an example input"):
+    with pytest.raises(
+        TypeError,
+        match=r"^revfunc.reversible_sequence: block 0 branch f parameter '0.weight' "
+        r"expected an initialized tensor, got an uninitialized parameter of a lazy "
+        r"module .*call each branch module once on an example input",
+    ):
         revfunc.reversible_sequence(blocks, params, x, x)

@@ -5,11 +5,11 @@ import gc
 
 import pytest
 import torch
+from helpers import assert_all_close
 from torch import nn
 
 import revfunc
 import revfunc.nn as rnn
-from helpers import assert_all_close
 from revfunc.selective import ATTENTION_OPS, save_attention
 from revfunc.testing.blocks import transformer_layers
 
@@ -66,8 +66,11 @@ def _live_tensor_bytes():
     storages = {}
     for obj in gc.get_objects():
         # type(): no attribute reads on proxies; plain tensors only (no FakeTensors left by compile tests)
-        if type(obj) in (torch.Tensor, nn.Parameter) and not torch._C._functorch.is_functorch_wrapped_tensor(obj) \
-                and obj.device.type == "cpu":
+        if (
+            type(obj) in (torch.Tensor, nn.Parameter)
+            and not torch._C._functorch.is_functorch_wrapped_tensor(obj)
+            and obj.device.type == "cpu"
+        ):
             try:
                 storage = obj.untyped_storage()
                 storages[storage.data_ptr()] = storage.nbytes()
@@ -80,9 +83,11 @@ def test_the_cache_holds_exactly_the_attention_outputs_and_is_freed_by_the_backw
     layers = stack()
     x = torch.randn(BATCH, TOKENS, DIM, dtype=torch.float64, requires_grad=True)
     q = torch.randn(BATCH, HEADS, TOKENS, DIM // HEADS, dtype=torch.float64)
-    per_block = sum(t.numel() * t.element_size() for t in
-                    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, q, q, is_causal=True)
-                    if isinstance(t, torch.Tensor))
+    per_block = sum(
+        t.numel() * t.element_size()
+        for t in torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, q, q, is_causal=True)
+        if isinstance(t, torch.Tensor)
+    )
     held = {}
     for name, context_fn in (("plain", None), ("attention", save_attention)):
         model = rnn.ReversibleSequence(layers, context_fn=context_fn)
@@ -115,8 +120,11 @@ def test_an_op_sequence_that_differs_in_the_recomputation_is_an_error_naming_the
     x = torch.randn(BATCH, TOKENS, DIM, dtype=torch.float64, requires_grad=True)
     loss = rnn.ReversibleSequence(layers, context_fn=save_attention)(x).sum()
     # (torch 2.13 says the op is not found in storage; 2.11 that it is backward an extra time.)
-    with pytest.raises(RuntimeError, match=r"block 0 branch f failed in the backward recomputation: .*"
-                                           r"must run the same ops as the forward did"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"block 0 branch f failed in the backward recomputation: .*"
+        r"must run the same ops as the forward did",
+    ):
         loss.backward()
 
 

@@ -2,8 +2,6 @@
 
 import pytest
 import torch
-
-import revfunc
 from helpers import (
     assert_all_close,
     flat_params,
@@ -14,6 +12,8 @@ from helpers import (
     reference_loop,
     saved_bytes,
 )
+
+import revfunc
 
 RTOL = 1e-10
 
@@ -67,8 +67,9 @@ def test_loss_on_one_output_half(half):
     wrt = [x1, x2, *flat_params(params)]
     got = torch.autograd.grad(revfunc.reversible_sequence(blocks, params, x1, x2)[half].pow(3).sum(), wrt)
     # With the loss on y1 alone the last g is unused: plain autograd gives it zeros too.
-    want = torch.autograd.grad(reference_loop(blocks, params, x1, x2)[half].pow(3).sum(), wrt,
-                               allow_unused=True, materialize_grads=True)
+    want = torch.autograd.grad(
+        reference_loop(blocks, params, x1, x2)[half].pow(3).sum(), wrt, allow_unused=True, materialize_grads=True
+    )
     assert_all_close(got, want, rtol=RTOL)
 
 
@@ -123,8 +124,9 @@ def test_vmap_of_grad_gives_per_sample_gradients():
 
     got = torch.func.vmap(torch.func.grad(per_sample_loss), in_dims=(None, 0, 0))(params, x1, x2)
     for n in range(x1.shape[0]):
-        want = torch.autograd.grad(loss_of(*reference_loop(blocks, params, x1[n:n + 1], x2[n:n + 1])),
-                                   flat_params(params))
+        want = torch.autograd.grad(
+            loss_of(*reference_loop(blocks, params, x1[n : n + 1], x2[n : n + 1])), flat_params(params)
+        )
         got_n = [t[n] for t in flat_params(got)]
         assert_all_close(got_n, list(want), rtol=RTOL)
 
@@ -170,7 +172,7 @@ def test_double_backward_matches_plain_autograd():
 
     def second_order(fn):
         grads = torch.autograd.grad(loss_of(*fn(blocks, params, x1, x2)), wrt, create_graph=True)
-        return torch.autograd.grad(sum((g ** 2).sum() for g in grads), wrt)
+        return torch.autograd.grad(sum((g**2).sum() for g in grads), wrt)
 
     assert_all_close(second_order(revfunc.reversible_sequence), second_order(reference_loop), rtol=1e-9)
 
@@ -221,15 +223,35 @@ def _bad_call(**overrides):
 @pytest.mark.parametrize(
     "overrides, error, pattern",
     [
-        (dict(params=make_pure_stack(3)[1]), ValueError, r"params expected one \(f_params, g_params\) pair per block \(2\), got 3"),
+        (
+            dict(params=make_pure_stack(3)[1]),
+            ValueError,
+            r"params expected one \(f_params, g_params\) pair per block \(2\), got 3",
+        ),
         (dict(blocks=[]), ValueError, "blocks expected at least one"),
         (dict(blocks=[(1, 2)] * 2), TypeError, r"blocks\[0\] expected a pair \(f, g\) of callables"),
-        (dict(x2=torch.zeros(2, 5, dtype=torch.float32)), TypeError, "x2 expected the dtype of x1 .*float64.*got torch.float32"),
-        (dict(x2=torch.zeros(2, 4, dtype=torch.float64)), ValueError, r"x2 expected the shape of x1 \(2, 5\), got \(2, 4\)"),
-        (dict(x1=torch.zeros(2, 5, dtype=torch.int64)), TypeError, "x1 expected a floating-point tensor, got dtype=torch.int64"),
+        (
+            dict(x2=torch.zeros(2, 5, dtype=torch.float32)),
+            TypeError,
+            "x2 expected the dtype of x1 .*float64.*got torch.float32",
+        ),
+        (
+            dict(x2=torch.zeros(2, 4, dtype=torch.float64)),
+            ValueError,
+            r"x2 expected the shape of x1 \(2, 5\), got \(2, 4\)",
+        ),
+        (
+            dict(x1=torch.zeros(2, 5, dtype=torch.int64)),
+            TypeError,
+            "x1 expected a floating-point tensor, got dtype=torch.int64",
+        ),
         (dict(x1=[1.0]), TypeError, "x1 expected a torch.Tensor, got list"),
         (dict(x2=torch.zeros(2, 5, dtype=torch.float64, device="meta")), ValueError, "x2 expected the device of x1"),
-        (dict(kwargs=[({}, {})]), ValueError, r"kwargs expected one \(f_kwargs, g_kwargs\) pair per block \(2\), got 1"),
+        (
+            dict(kwargs=[({}, {})]),
+            ValueError,
+            r"kwargs expected one \(f_kwargs, g_kwargs\) pair per block \(2\), got 1",
+        ),
         (dict(generator=3), TypeError, "generator expected None or a torch.Generator, got int"),
         (dict(checkpoint_every=0), ValueError, "checkpoint_every expected None or a positive int, got int 0"),
     ],
@@ -243,7 +265,9 @@ def test_params_on_another_device_is_an_error():
     blocks, params = make_pure_stack(1)
     params = [({**params[0][0], "w": params[0][0]["w"].to("meta")}, params[0][1])]
     x1, x2 = inputs((2, 5), requires_grad=False)
-    with pytest.raises(ValueError, match=r"params\[0\] \(f\) 'w' expected a tensor on the input's device \(cpu\), got meta"):
+    with pytest.raises(
+        ValueError, match=r"params\[0\] \(f\) 'w' expected a tensor on the input's device \(cpu\), got meta"
+    ):
         revfunc.reversible_sequence(blocks, params, x1, x2)
 
 
@@ -257,7 +281,10 @@ def test_shape_changing_branch_is_named(branch):
     f, g = blocks[1]
     blocks = [blocks[0], (widen, g) if branch == "f" else (f, widen)]
     x1, x2 = inputs((2, 5), requires_grad=False)
-    with pytest.raises(ValueError, match=rf"block 1 branch {branch} expected an output shaped like its input \(2, 5\), got shape \(2, 10\)"):
+    with pytest.raises(
+        ValueError,
+        match=rf"block 1 branch {branch} expected an output shaped like its input \(2, 5\), got shape \(2, 10\)",
+    ):
         revfunc.reversible_sequence(blocks, params, x1, x2)
 
 
@@ -265,5 +292,7 @@ def test_generator_on_another_device_is_an_error():
     blocks, params = make_pure_stack(1)
     params = [tuple({k: v.detach().to("meta") for k, v in p.items()} for p in params[0])]
     x1, x2 = (torch.zeros(2, 5, dtype=torch.float64, device="meta") for _ in range(2))
-    with pytest.raises(ValueError, match=r"generator expected a torch.Generator on the input's device \(meta\), got a generator on cpu"):
+    with pytest.raises(
+        ValueError, match=r"generator expected a torch.Generator on the input's device \(meta\), got a generator on cpu"
+    ):
         revfunc.reversible_sequence(blocks, params, x1, x2, generator=torch.Generator())

@@ -4,9 +4,9 @@ import itertools
 
 import pytest
 import torch
+from helpers import inputs, make_pure_stack
 from hypothesis import given
 
-from helpers import make_pure_stack, inputs
 from revfunc.testing import assert_gradients_match, assert_invertible
 from revfunc.testing import strategies as rst
 
@@ -32,8 +32,11 @@ def test_impure_block_fails_assert_invertible_naming_the_block():
 
     blocks = [blocks[0], (blocks[1][0], counting), blocks[2]]
     x1, x2 = inputs((2, 5), requires_grad=False)
-    with pytest.raises(AssertionError, match=r"block 1's input x2 rebuilt from its output differs from the forward's: "
-                                             r"max abs error .*, max rel error .* > tolerance rtol=1e-07, atol=1e-09"):
+    with pytest.raises(
+        AssertionError,
+        match=r"block 1's input x2 rebuilt from its output differs from the forward's: "
+        r"max abs error .*, max rel error .* > tolerance rtol=1e-07, atol=1e-09",
+    ):
         assert_invertible(blocks, params, x1, x2)
 
 
@@ -51,7 +54,7 @@ class _WrongBackward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         (y,) = ctx.saved_tensors
-        return grad * (1 - y ** 2) * 1.5
+        return grad * (1 - y**2) * 1.5
 
 
 def test_wrong_custom_backward_fails_assert_gradients_match():
@@ -62,8 +65,11 @@ def test_wrong_custom_backward_fails_assert_gradients_match():
 
     x1, x2 = inputs((2, 5), requires_grad=False)
     assert_invertible([(wrong, wrong)] * 2, params, x1, x2)  # the forward is fine
-    with pytest.raises(AssertionError, match=r"block 0 branch f: its gradient w.r.t. \(input x, params\) along a random "
-                                             r"direction .* differs from float64 finite differences.*tolerance 1e-05"):
+    with pytest.raises(
+        AssertionError,
+        match=r"block 0 branch f: its gradient w.r.t. \(input x, params\) along a random "
+        r"direction .* differs from float64 finite differences.*tolerance 1e-05",
+    ):
         assert_gradients_match([(wrong, wrong)] * 2, params, x1, x2)
 
 
@@ -90,9 +96,12 @@ def test_grad_mode_dependent_block_fails_the_finite_difference_check():
 
     blocks = [(moody, blocks[0][1]), blocks[1]]
     x1, x2 = inputs((2, 5), requires_grad=False)
-    with pytest.raises(AssertionError, match=r"assert_gradients_match: block 0 branch f: its gradient w.r.t. "
-                                             r"\(input x, params\) along a random direction .* differs from float64 "
-                                             r"finite differences .* > tolerance 1e-05"):
+    with pytest.raises(
+        AssertionError,
+        match=r"assert_gradients_match: block 0 branch f: its gradient w.r.t. "
+        r"\(input x, params\) along a random direction .* differs from float64 "
+        r"finite differences .* > tolerance 1e-05",
+    ):
         assert_gradients_match(blocks, params, x1, x2)
 
 
@@ -108,11 +117,19 @@ def test_a_wrong_custom_backward_is_named_by_block_branch_and_tensor():
     def bad(p, x):
         return _WrongBackward.apply(x @ p["w"])
 
-    params = [({"w": torch.randn(d, d, generator=gen, dtype=torch.float64) / 2},
-               {"w": torch.randn(d, d, generator=gen, dtype=torch.float64) / 2}) for _ in range(3)]
+    params = [
+        (
+            {"w": torch.randn(d, d, generator=gen, dtype=torch.float64) / 2},
+            {"w": torch.randn(d, d, generator=gen, dtype=torch.float64) / 2},
+        )
+        for _ in range(3)
+    ]
     blocks = [(good, good), (good, bad), (good, good)]
     x1, x2 = (torch.randn(2, d, generator=gen, dtype=torch.float64) for _ in range(2))
-    with pytest.raises(AssertionError, match=r"assert_gradients_match: block 1 branch g: its gradient w.r.t. "
-                                             r"\(input x, params\) .* differs from float64 finite differences.*"
-                                             r"largest term from tensor '(x|w)'"):
+    with pytest.raises(
+        AssertionError,
+        match=r"assert_gradients_match: block 1 branch g: its gradient w.r.t. "
+        r"\(input x, params\) .* differs from float64 finite differences.*"
+        r"largest term from tensor '(x|w)'",
+    ):
         assert_gradients_match(blocks, params, x1, x2)

@@ -14,8 +14,26 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "train_lm.py"
 # Real text, small: the stdlib's email package (the default reads the whole stdlib).
 TEXT = str(pathlib.Path(sysconfig.get_paths()["stdlib"]) / "email")
-TINY = ["--depth", "2", "--dim", "32", "--heads", "2", "--seq", "32", "--batch", "4", "--steps", "4",
-        "--data", TEXT, "--data-mb", "0.25", "--log-every", "1"]
+TINY = [
+    "--depth",
+    "2",
+    "--dim",
+    "32",
+    "--heads",
+    "2",
+    "--seq",
+    "32",
+    "--batch",
+    "4",
+    "--steps",
+    "4",
+    "--data",
+    TEXT,
+    "--data-mb",
+    "0.25",
+    "--log-every",
+    "1",
+]
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +56,35 @@ def test_plain_reversible_and_fsdp_over_two_processes_log_the_same_losses(train_
     plain = train_lm.main(["--method", "plain", *TINY, "--out", str(tmp_path / "plain")])
     reversible = train_lm.main(["--method", "reversible", *TINY, "--out", str(tmp_path / "reversible")])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          str(SCRIPT), "--shard", "fsdp", *TINY, "--out", str(tmp_path / "fsdp")],
-                         capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(SCRIPT),
+            "--shard",
+            "fsdp",
+            *TINY,
+            "--out",
+            str(tmp_path / "fsdp"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=env,
+        cwd=tmp_path,
+    )
     # gloo can abort a worker in interpreter teardown after the run has finished ("terminate
     # called without an active exception", PyTorch #190489): the run itself must have
     # completed (its last line printed, metrics written); anything else fails.
-    teardown_only = "terminate called without an active exception" in run.stderr and "done: val loss" in run.stdout \
+    teardown_only = (
+        "terminate called without an active exception" in run.stderr
+        and "done: val loss" in run.stdout
         and (tmp_path / "fsdp" / "metrics.json").exists()
+    )
     assert run.returncode == 0 or teardown_only, run.stdout[-3000:] + run.stderr[-3000:]
     fsdp = json.loads((tmp_path / "fsdp" / "metrics.json").read_text())
     assert fsdp["world_size"] == 2 and fsdp["config"]["shard"] == "fsdp"

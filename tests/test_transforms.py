@@ -5,9 +5,9 @@ Reference: ``revfunc.sequential_sequence`` (plain autograd on the same math), fl
 
 import pytest
 import torch
+from helpers import assert_all_close
 
 import revfunc
-from helpers import assert_all_close
 
 RTOL = 1e-10
 D = 6
@@ -35,7 +35,7 @@ def _tied_case():
 
 def _loss(fn, blocks, params, x1, x2):
     y1, y2 = fn(blocks, params, x1, x2)
-    return (y1 ** 2).sum() + y2.sin().sum()
+    return (y1**2).sum() + y2.sin().sum()
 
 
 MODES = ["backward", "autograd_grad", "func_grad", "vjp", "vmap_grad", "create_graph", "grad_of_grad", "sweep"]
@@ -52,20 +52,24 @@ def _grads(mode, fn, blocks, params_of, w, v, x1, x2):
         grads = torch.autograd.grad(loss, (wr, vr), create_graph=mode == "create_graph")
         if mode == "autograd_grad":
             return grads
-        return torch.autograd.grad(sum((g ** 2).sum() for g in grads), (wr, vr))
+        return torch.autograd.grad(sum((g**2).sum() for g in grads), (wr, vr))
     if mode == "func_grad":
         return torch.func.grad(lambda a, b: _loss(fn, blocks, params_of(a, b), x1, x2), argnums=(0, 1))(w, v)
     if mode == "vjp":
         out, vjp_fn = torch.func.vjp(lambda a, b: fn(blocks, params_of(a, b), x1, x2), w, v)
         return vjp_fn((out[0].cos(), out[1] * 2))
     if mode == "vmap_grad":
+
         def per_sample(a, b, s1, s2):
             return _loss(fn, blocks, params_of(a, b), s1[None], s2[None])
+
         return torch.func.vmap(torch.func.grad(per_sample, argnums=(0, 1)), in_dims=(None, None, 0, 0))(w, v, x1, x2)
     if mode == "grad_of_grad":
+
         def first(a, b):
             return torch.func.grad(lambda a, b: _loss(fn, blocks, params_of(a, b), x1, x2), argnums=(0, 1))(a, b)
-        return torch.func.grad(lambda a, b: sum((g ** 2).sum() for g in first(a, b)), argnums=(0, 1))(w, v)
+
+        return torch.func.grad(lambda a, b: sum((g**2).sum() for g in first(a, b)), argnums=(0, 1))(w, v)
     raise AssertionError(mode)
 
 
@@ -99,8 +103,9 @@ def test_reversible_vjp_with_kwargs_dropout_and_checkpoint_every():
     params = [tuple({k: t.detach() for k, t in p.items()} for p in pair) for pair in params]
     gen = torch.Generator().manual_seed(3)
     x1, x2 = (torch.randn(4, 6, generator=gen, dtype=torch.float64) for _ in range(2))
-    (y1, y2), pullback = revfunc.reversible_vjp(blocks, params, x1, x2, generator=torch.Generator().manual_seed(9),
-                                                checkpoint_every=2)
+    (y1, y2), pullback = revfunc.reversible_vjp(
+        blocks, params, x1, x2, generator=torch.Generator().manual_seed(9), checkpoint_every=2
+    )
     got = pullback(torch.ones_like(y1), y2)
 
     def ref(p, a, b):
@@ -108,14 +113,19 @@ def test_reversible_vjp_with_kwargs_dropout_and_checkpoint_every():
 
     (r1, r2), ref_vjp = torch.func.vjp(ref, params, x1, x2)
     assert_all_close([y1, y2], [r1, r2], rtol=RTOL)
-    assert_all_close(torch.utils._pytree.tree_leaves(got), torch.utils._pytree.tree_leaves(ref_vjp((torch.ones_like(r1), r2))),
-                     rtol=RTOL)
+    assert_all_close(
+        torch.utils._pytree.tree_leaves(got),
+        torch.utils._pytree.tree_leaves(ref_vjp((torch.ones_like(r1), r2))),
+        rtol=RTOL,
+    )
 
 
 def test_reversible_vjp_rejects_a_mismatched_cotangent():
     blocks, params_of, w, v, x1, x2 = _tied_case()
     (y1, y2), pullback = revfunc.reversible_vjp(blocks, params_of(w, v), x1, x2)
-    with pytest.raises(ValueError, match=r"revfunc.reversible_vjp: dy1 expected the shape of y1 \(3, 6\), got \(3, 5\)"):
+    with pytest.raises(
+        ValueError, match=r"revfunc.reversible_vjp: dy1 expected the shape of y1 \(3, 6\), got \(3, 5\)"
+    ):
         pullback(torch.ones(3, 5, dtype=torch.float64), torch.ones(3, 5, dtype=torch.float64))
 
 
@@ -126,7 +136,8 @@ def _same_level_double_backward(higher_order):
         def inner(a):
             loss = _loss(fn, blocks, params_of(a, v), x1, x2)
             (g,) = torch.autograd.grad(loss, a, create_graph=True)
-            return (g ** 2).sum()
+            return (g**2).sum()
+
         return inner
 
     def rev(*args, **kw):
@@ -136,8 +147,11 @@ def _same_level_double_backward(higher_order):
 
 
 def test_same_level_double_backward_raises_without_higher_order():
-    with pytest.raises(RuntimeError, match=r"revfunc.reversible_sequence: the gradient it returned is being "
-                                           r"differentiated again at the same torch.func level.*higher_order=True"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"revfunc.reversible_sequence: the gradient it returned is being "
+        r"differentiated again at the same torch.func level.*higher_order=True",
+    ):
         _same_level_double_backward(higher_order=False)
 
 

@@ -20,5 +20,14 @@ from revfunc.bench.cli import PRESETS, main, methods, parse_args
 from revfunc.bench.fit import budget_table
 from revfunc.bench.report import render_drift_markdown, render_headline, render_markdown, render_tables
 
-__all__ = ["main", "parse_args", "methods", "PRESETS", "budget_table", "render_markdown", "render_tables",
-           "render_headline", "render_drift_markdown"]
+__all__ = [
+    "main",
+    "parse_args",
+    "methods",
+    "PRESETS",
+    "budget_table",
+    "render_markdown",
+    "render_tables",
+    "render_headline",
+    "render_drift_markdown",
+]

@@ -81,7 +81,6 @@ class Case:
         if self.x is not None:
             self.x.grad = None
 
-
     def optimizer_in_backward(self, lr: float = 1e-6) -> None:
         """An SGD step in each parameter's post-accumulate-grad hook, which then frees the
         gradient (torchtune's ``optimizer_in_bwd``): gradients never exist all at once."""
@@ -163,13 +162,25 @@ def _functional_step(args, method: str, layers, x):
 
     if mode == "func.grad":
         return lambda: torch.utils._pytree.tree_leaves(torch.func.grad(loss)(params))
-    params = [tuple({k: t.detach() for k, t in p.items()} for p in pair) for pair in params]
+    params = [({k: t.detach() for k, t in fp.items()}, {k: t.detach() for k, t in gp.items()}) for fp, gp in params]
     if base == "revfunc":
         step = vjp_train_step(blocks, _head, lambda: autocast(args))
         compiled = compile_step(lambda p: step(p, x, x))
     else:
         compiled = compile_step(lambda p: torch.func.grad_and_value(loss)(p))
     return lambda: torch.utils._pytree.tree_leaves(compiled(params)[0])
+
+
+def load_classic(path: str):
+    """The classic ``reversible.py`` at ``path``, imported as a module."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("classic_reversible", path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"revfunc.bench: --classic expected a Python file, got {path!r}")
+    classic = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(classic)
+    return classic
 
 
 def _module(args, method: str, layers, saving: bool = False):
@@ -185,12 +196,7 @@ def _module(args, method: str, layers, saving: bool = False):
 
         return ReversibleSequence(layers, context_fn=context_fn)
     if method == "classic":
-        import importlib.util
-
-        spec = importlib.util.spec_from_file_location("classic_reversible", args.classic)
-        classic = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(classic)
-        return classic.ReversibleSequence(layers)
+        return load_classic(args.classic).ReversibleSequence(layers)
 
     def couple(x1, x2, f, g):
         y1 = x1 + f(x2)

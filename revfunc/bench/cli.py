@@ -51,28 +51,93 @@ from revfunc.bench.report import _machine, plot, render_drift_markdown, render_h
 
 DEFAULT_CLASSIC = pathlib.Path(__file__).resolve().parents[3] / "shared" / "reference" / "reversible.py"
 PRESETS = {
-    "long": dict(depths=[8, 16, 32], dim=64, heads=4, seq=2048, batch=1, causal=True, repeats=3, warmup=1,
-                 seqs=[512], sweep_depth=8, functional=False, threads=0, memory=True, selective=True),
-    "short": dict(depths=[4, 8, 16, 32], dim=128, heads=4, seq=64, batch=4, causal=False, repeats=7, warmup=2,
-                  seqs=[], sweep_depth=8, functional=True, threads=0, memory=True),
-    "wide": dict(depths=[8, 16, 32], dim=128, heads=4, seq=512, batch=1, causal=True, repeats=3, warmup=1,
-                 seqs=[], sweep_depth=8, functional=False, threads=0, memory=True, setups=True),
-    "overhead": dict(depths=[32], dim=16, heads=2, seq=1, batch=1, causal=False, repeats=15, warmup=2,
-                     seqs=[], sweep_depth=8, functional=False, threads=1, memory=False),
+    "long": dict(
+        depths=[8, 16, 32],
+        dim=64,
+        heads=4,
+        seq=2048,
+        batch=1,
+        causal=True,
+        repeats=3,
+        warmup=1,
+        seqs=[512],
+        sweep_depth=8,
+        functional=False,
+        threads=0,
+        memory=True,
+        selective=True,
+    ),
+    "short": dict(
+        depths=[4, 8, 16, 32],
+        dim=128,
+        heads=4,
+        seq=64,
+        batch=4,
+        causal=False,
+        repeats=7,
+        warmup=2,
+        seqs=[],
+        sweep_depth=8,
+        functional=True,
+        threads=0,
+        memory=True,
+    ),
+    "wide": dict(
+        depths=[8, 16, 32],
+        dim=128,
+        heads=4,
+        seq=512,
+        batch=1,
+        causal=True,
+        repeats=3,
+        warmup=1,
+        seqs=[],
+        sweep_depth=8,
+        functional=False,
+        threads=0,
+        memory=True,
+        setups=True,
+    ),
+    "overhead": dict(
+        depths=[32],
+        dim=16,
+        heads=2,
+        seq=1,
+        batch=1,
+        causal=False,
+        repeats=15,
+        warmup=2,
+        seqs=[],
+        sweep_depth=8,
+        functional=False,
+        threads=1,
+        memory=False,
+    ),
 }
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m revfunc.bench",
-                                     description="What reversibility costs in time and saves in memory.")
-    parser.add_argument("--preset", default="long", choices=sorted(PRESETS),
-                        help="named configuration (default long); the flags below override it")
+    parser = argparse.ArgumentParser(
+        prog="python -m revfunc.bench", description="What reversibility costs in time and saves in memory."
+    )
+    parser.add_argument(
+        "--preset",
+        default="long",
+        choices=sorted(PRESETS),
+        help="named configuration (default long); the flags below override it",
+    )
     parser.add_argument("--depths", type=int, nargs="+")
     parser.add_argument("--dim", type=int, help="model width d")
     parser.add_argument("--heads", type=int)
     parser.add_argument("--seq", type=int, help="tokens per example")
     parser.add_argument("--batch", type=int)
     parser.add_argument("--causal", action=argparse.BooleanOptionalAction, default=None, help="causal attention")
-    parser.add_argument("--seqs", type=int, nargs="*",
-                        help="extra sequence lengths for the memory sweep at --sweep-depth (none: no sweep)")
+    parser.add_argument(
+        "--seqs",
+        type=int,
+        nargs="*",
+        help="extra sequence lengths for the memory sweep at --sweep-depth (none: no sweep)",
+    )
     parser.add_argument("--sweep-depth", type=int)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float64", "bfloat16"])
@@ -80,19 +145,34 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="timed fwd+bwd per method and depth")
     parser.add_argument("--warmup", type=int, help="untimed rounds first")
     parser.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default)")
-    parser.add_argument("--classic", default=str(DEFAULT_CLASSIC), help="path of the classic reversible.py ('' to skip)")
-    parser.add_argument("--functional", action=argparse.BooleanOptionalAction, default=None,
-                        help="also the torch.func.grad paths")
+    parser.add_argument(
+        "--classic", default=str(DEFAULT_CLASSIC), help="path of the classic reversible.py ('' to skip)"
+    )
+    parser.add_argument(
+        "--functional", action=argparse.BooleanOptionalAction, default=None, help="also the torch.func.grad paths"
+    )
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory workers")
-    parser.add_argument("--selective", action=argparse.BooleanOptionalAction, default=None,
-                        help="also revfunc+attn and checkpoint+attn: attention outputs kept per block")
-    parser.add_argument("--setups", action=argparse.BooleanOptionalAction, default=None,
-                        help="also measure each module method with an optimizer step in backward")
-    parser.add_argument("--compile", action="store_true",
-                        help="also every method as torch.compile(model) plus eager backward")
+    parser.add_argument(
+        "--selective",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also revfunc+attn and checkpoint+attn: attention outputs kept per block",
+    )
+    parser.add_argument(
+        "--setups",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="also measure each module method with an optimizer step in backward",
+    )
+    parser.add_argument(
+        "--compile", action="store_true", help="also every method as torch.compile(model) plus eager backward"
+    )
     parser.add_argument("--out", default="bench_out", help="folder for bench.json, bench.md and bench.png")
-    parser.add_argument("--drift", action="store_true",
-                        help="instead: reconstruction drift by dtype and depth, and bf16 autocast gradient error")
+    parser.add_argument(
+        "--drift",
+        action="store_true",
+        help="instead: reconstruction drift by dtype and depth, and bf16 autocast gradient error",
+    )
     parser.add_argument("--worker", nargs=3, metavar=("METHOD", "DEPTH", "SEQ"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
@@ -104,8 +184,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def methods(args) -> list:
-    names = list(MODULE_METHODS) + (list(SELECTIVE_METHODS) if args.selective else []) + \
-        (list(FUNCTIONAL_METHODS) if args.functional else [])
+    names = (
+        list(MODULE_METHODS)
+        + (list(SELECTIVE_METHODS) if args.selective else [])
+        + (list(FUNCTIONAL_METHODS) if args.functional else [])
+    )
     if args.compile:
         names += [m + "+compile" for m in MODULE_METHODS] + (list(COMPILED_STEPS) if args.functional else [])
     has_classic = bool(args.classic) and os.path.exists(args.classic)
@@ -129,9 +212,12 @@ def main(argv=None) -> dict:
         (out / "drift.md").write_text(render_drift_markdown(result))
         print(f"\nwrote {out / 'drift.json'} and {out / 'drift.md'}")
         return result
-    print(f"revfunc.bench --preset {args.preset}: depths {args.depths}, d={args.dim}, seq={args.seq}, "
-          f"batch={args.batch}, {args.dtype}{' ' + args.amp + ' autocast' if args.amp else ''} on {args.device}; "
-          f"methods {methods(args)}", flush=True)
+    print(
+        f"revfunc.bench --preset {args.preset}: depths {args.depths}, d={args.dim}, seq={args.seq}, "
+        f"batch={args.batch}, {args.dtype}{' ' + args.amp + ' autocast' if args.amp else ''} on {args.device}; "
+        f"methods {methods(args)}",
+        flush=True,
+    )
     activations = {} if args.no_memory else peak_memory(args, argv, methods(args))
     import torch
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from typing import Any, Dict
 
 
 def drift(args) -> dict:
@@ -19,7 +20,7 @@ def drift(args) -> dict:
     from revfunc.testing.blocks import transformer_layers
 
     dim, batch, seq = args.dim, args.batch, args.seq
-    result = {"drift": [], "autocast": []}
+    result: Dict[str, Any] = {"drift": [], "autocast": []}
     print(f"reconstruction drift (max relative error of rebuilt block inputs), d={dim}, {batch}x{seq} tokens")
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
         for depth in (1, 8, 64):
@@ -51,19 +52,14 @@ def drift(args) -> dict:
         result["autocast"].append({"checkpoint_every": k, "grad_error": err, "saved_stream_tensors": saved})
         print(f"  checkpoint_every={str(k):4s}  rel error {err:.3g}  stream tensors saved {saved}", flush=True)
     if args.classic and os.path.exists(args.classic):  # recomputes outside autocast: same model, same loss
-        import importlib.util
+        from revfunc.bench.cases import load_classic
 
-        spec = importlib.util.spec_from_file_location("classic_reversible", args.classic)
-        classic = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(classic)
-        model = classic.ReversibleSequence(layers)
+        model = load_classic(args.classic).ReversibleSequence(layers)
         with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16):
             y = model(x.clone().requires_grad_())
         y.float().pow(2).mean().backward()
-        got = torch.cat([t.grad.flatten() for t in flat])
+        got = torch.cat([t.grad.flatten() for t in flat if t.grad is not None])
         err = ((got - ref).norm() / ref.norm()).item()
         result["classic_autocast_grad_error"] = err
         print(f"  classic reversible.py  rel error {err:.3g}", flush=True)
     return result
-
-

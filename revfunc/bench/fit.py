@@ -32,8 +32,13 @@ def budget_table(args, rows, sweep) -> dict:
     deepest = max(args.depths)
     table = {}
     for m in dict.fromkeys(r["method"] for r in rows):
-        pts = list({(r["depth"], r["seq"]): (r["depth"], r["seq"], r["activation_bytes"]) for r in rows + sweep
-                    if r["method"] == m and r["activation_bytes"] is not None}.values())
+        pts = list(
+            {
+                (r["depth"], r["seq"]): (r["depth"], r["seq"], r["activation_bytes"])
+                for r in rows + sweep
+                if r["method"] == m and r["activation_bytes"] is not None
+            }.values()
+        )
         if len(pts) < 2:
             continue
         a = torch.tensor([[n, n * d, 1.0] for d, n, _ in pts], dtype=torch.float64)
@@ -46,8 +51,7 @@ def budget_table(args, rows, sweep) -> dict:
             u, k = torch.linalg.lstsq(a[:, [0, 2]], b, driver="gelsd").solution.flatten().tolist()
         fit = [n * (u + w * d) + k for d, n, _ in pts]
         worst = max(abs(f - v) / max(v, 1) for f, (_, _, v) in zip(fit, pts))
-        entry = {"u": u, "w": w, "k": k, "max_relative_residual": worst, "fits": worst <= MAX_RESIDUAL,
-                 "budgets": {}}
+        entry = {"u": u, "w": w, "k": k, "max_relative_residual": worst, "fits": worst <= MAX_RESIDUAL, "budgets": {}}
         for gib in BUDGETS_GIB:
             budget = gib * 2**30
             # None: the fit has no positive slope in that direction (nothing to extrapolate).

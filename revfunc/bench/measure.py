@@ -19,7 +19,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Dict, Optional
 
 from revfunc.bench.cases import FLOORS, build
 
@@ -39,8 +39,9 @@ def tensor_bytes(tree) -> int:
     """Bytes of the tensors in a pytree (``None`` and non-tensors count 0)."""
     import torch
 
-    return sum(t.numel() * t.element_size() for t in torch.utils._pytree.tree_leaves(tree)
-               if isinstance(t, torch.Tensor))
+    return sum(
+        t.numel() * t.element_size() for t in torch.utils._pytree.tree_leaves(tree) if isinstance(t, torch.Tensor)
+    )
 
 
 def peak_above(step: Callable, device: str = "cpu"):
@@ -96,8 +97,13 @@ def worker(args) -> None:
     case = build(args, method, depth, seq)
     module_step = case.model is not None or "+compile" in method and "/" not in method
     activation, returned = activation_bytes(case.run, args.device, case.preallocate if module_step else case.clear)
-    record = {"method": method, "depth": depth, "seq": seq, "activation_bytes": max(activation, 0),
-              "grad_bytes": tensor_bytes(case.params)}
+    record = {
+        "method": method,
+        "depth": depth,
+        "seq": seq,
+        "activation_bytes": max(activation, 0),
+        "grad_bytes": tensor_bytes(case.params),
+    }
     if module_step and args.setups:  # the same step with the optimizer in backward (gradients freed as they arrive)
         case.clear()
         case.optimizer_in_backward()
@@ -134,13 +140,22 @@ def peak_memory(args, argv, methods) -> dict:
         if "optimizer_in_backward_bytes" in record:
             activations[method, depth, seq, "optimizer_in_backward"] = record["optimizer_in_backward_bytes"]
         done = sum(len(key) == 3 for key in activations)
-        print(f"  memory  [{done:2d}/{len(configs)}] depth {depth:3d}  seq {seq:5d}  {method:24s} "
-              f"{record['activation_bytes'] / 2**20:8.1f} MiB", flush=True)
+        print(
+            f"  memory  [{done:2d}/{len(configs)}] depth {depth:3d}  seq {seq:5d}  {method:24s} "
+            f"{record['activation_bytes'] / 2**20:8.1f} MiB",
+            flush=True,
+        )
 
     for method, depth, seq in configs:
         cmd = [sys.executable, "-m", "revfunc.bench", *argv, "--worker", method, str(depth), str(seq)]
-        running.append((method, depth, seq, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
-                                                             stderr=subprocess.PIPE, text=True)))
+        running.append(
+            (
+                method,
+                depth,
+                seq,
+                subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True),
+            )
+        )
         if len(running) == parallel:
             collect(*running.pop(0))
     for item in running:
@@ -184,10 +199,11 @@ def timings(args, methods) -> dict:
         # The classic code keeps its tensors as ctx attributes, out of the hooks' reach:
         # 0 would read as the best result, so it is n/a.
         saved = {m: None if m == "classic" else saved_bytes(case) for m, case in built.items()}
-        samples, first = {m: [] for m in built}, {}
+        samples: Dict[str, list] = {m: [] for m in built}
+        first: Dict[str, Any] = {}
         names = list(built)
         for r in range(args.repeats + args.warmup):
-            for m in names[r % len(names):] + names[:r % len(names)]:  # rotate: no method always last
+            for m in names[r % len(names) :] + names[: r % len(names)]:  # rotate: no method always last
                 built[m].clear()
                 sync()
                 start = time.perf_counter()
@@ -204,8 +220,9 @@ def timings(args, methods) -> dict:
             out[m, depth] = {
                 "seconds": median,
                 "time_ratio": statistics.median(t / p for t, p in zip(samples[m], samples["plain"])),
-                "extra_us_per_block": statistics.median((t - p) / depth * 1e6
-                                                        for t, p in zip(samples[m], samples["plain"])),
+                "extra_us_per_block": statistics.median(
+                    (t - p) / depth * 1e6 for t, p in zip(samples[m], samples["plain"])
+                ),
                 "compile_seconds": first[m] - median if "+compile" in m else None,
                 "saved_bytes": saved[m],
                 "grad_bytes": grads,

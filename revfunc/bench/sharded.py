@@ -27,9 +27,9 @@ import os
 import pathlib
 import tempfile
 import time
-from typing import Dict, List
+from typing import Any, Dict, List
 
-MIB = 2 ** 20
+MIB = 2**20
 METHODS = ("fsdp per block", "fsdp root only", "ddp (unsharded)")
 
 
@@ -61,8 +61,9 @@ def init_gloo(rank: int, world: int, init_file: str, hang_s: float = 60, timeout
     faulthandler.dump_traceback_later(hang_s, exit=True)
     torch.set_num_threads(1)
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world,
-                            timeout=timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=timeout_s)
+    )
 
 
 def finish_gloo(rank: int, init_file: str) -> None:
@@ -100,20 +101,27 @@ def run_gloo_workers(fn, args: tuple, world: int, init_file: str, limit_s: float
     processes = ctx.processes
     try:
         while any(p.is_alive() for p in processes):
-            failed = [r for r, p in enumerate(processes) if p.exitcode not in (None, 0)
-                      and not pathlib.Path(f"{init_file}.rank{r}.done").exists()]
+            failed = [
+                r
+                for r, p in enumerate(processes)
+                if p.exitcode not in (None, 0) and not pathlib.Path(f"{init_file}.rank{r}.done").exists()
+            ]
             if failed:
                 time.sleep(1)  # let the others report too
                 break
             if time.monotonic() > deadline:
-                raise RuntimeError(f"{what} did not finish within {limit_s:.0f} s; exit codes "
-                                   f"{[p.exitcode for p in processes]} (None: still running, killed now)")
+                raise RuntimeError(
+                    f"{what} did not finish within {limit_s:.0f} s; exit codes "
+                    f"{[p.exitcode for p in processes]} (None: still running, killed now)"
+                )
             time.sleep(0.1)
         codes = [p.exitcode for p in processes]
         unfinished = [r for r in range(world) if not pathlib.Path(f"{init_file}.rank{r}.done").exists()]
         if unfinished:
-            raise RuntimeError(f"{what}: ranks {unfinished} failed before finishing their work; exit codes {codes} "
-                               "(negative: killed by that signal); their tracebacks are above")
+            raise RuntimeError(
+                f"{what}: ranks {unfinished} failed before finishing their work; exit codes {codes} "
+                "(negative: killed by that signal); their tracebacks are above"
+            )
     finally:
         for p in processes:
             if p.is_alive():
@@ -121,8 +129,9 @@ def run_gloo_workers(fn, args: tuple, world: int, init_file: str, limit_s: float
             p.join(5)
 
 
-def _worker(rank: int, world: int, init_file: str, out_dir: str, method: str, depths: List[int], dim: int,
-            seq: int) -> None:
+def _worker(
+    rank: int, world: int, init_file: str, out_dir: str, method: str, depths: List[int], dim: int, seq: int
+) -> None:
     import torch
     import torch.distributed as dist
 
@@ -139,7 +148,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, method: str, de
         if method == "ddp (unsharded)":
             from torch.nn.parallel import DistributedDataParallel
 
-            wrapped = DistributedDataParallel(model)
+            wrapped: Any = DistributedDataParallel(model)
         else:
             from torch.distributed.fsdp import fully_shard
 
@@ -150,7 +159,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, method: str, de
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
         x = torch.randn(1, seq, dim, generator=torch.Generator().manual_seed(rank))
 
-        def step():
+        def step(wrapped=wrapped, x=x, opt=opt):  # this depth's model, batch and optimizer
             wrapped(x).pow(2).mean().backward()
             opt.step()
             opt.zero_grad(set_to_none=False)  # gradients stay allocated: not counted in the peak
@@ -164,11 +173,17 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, method: str, de
         mine = torch.tensor([state_bytes(model, opt), peak, seconds], dtype=torch.float64)
         both = [torch.zeros_like(mine) for _ in range(world)]
         dist.all_gather(both, mine)
-        rows.append({"method": method, "depth": depth, "params": params,
-                     "state_mib": max(float(b[0]) for b in both) / MIB,
-                     "step_peak_mib": max(float(b[1]) for b in both) / MIB,
-                     "step_s": max(float(b[2]) for b in both)})
-        model = wrapped = opt = None  # freed before the next depth
+        rows.append(
+            {
+                "method": method,
+                "depth": depth,
+                "params": params,
+                "state_mib": max(float(b[0]) for b in both) / MIB,
+                "step_peak_mib": max(float(b[1]) for b in both) / MIB,
+                "step_s": max(float(b[2]) for b in both),
+            }
+        )
+        del model, wrapped, opt  # freed before the next depth
     if rank == 0:
         pathlib.Path(out_dir, "rows.json").write_text(json.dumps(rows))
     finish_gloo(rank, init_file)
@@ -183,8 +198,14 @@ def run_method(method: str, depths: List[int], dim: int, seq: int, world: int = 
     try:
         with tempfile.TemporaryDirectory() as tmp:
             init = os.path.join(tmp, "init")
-            run_gloo_workers(_worker, (world, init, tmp, method, depths, dim, seq), world, init, 1800,
-                             f"revfunc.bench.sharded ({method})")
+            run_gloo_workers(
+                _worker,
+                (world, init, tmp, method, depths, dim, seq),
+                world,
+                init,
+                1800,
+                f"revfunc.bench.sharded ({method})",
+            )
             return json.loads(pathlib.Path(tmp, "rows.json").read_text())
     finally:
         for k, v in saved.items():
@@ -197,18 +218,23 @@ def run_method(method: str, depths: List[int], dim: int, seq: int, world: int = 
 def render_markdown(result: Dict) -> str:
     cfg = result["config"]
     lines = [
-        f"Per rank, {cfg['world']} CPU processes on gloo, torch {cfg['torch']}: `revfunc.nn.ReversibleSequence` of "
-        f"causal attention + feed-forward blocks, d={cfg['dim']}, 1 x {cfg['seq']} tokens per rank, float32, AdamW. "
-        "State: parameters + gradients + AdamW moments a rank keeps (its shards under FSDP2). "
-        "Step peak: resident peak during one training step above the level before it (gradients already "
-        "allocated). The larger of the two ranks.",
+        (
+            f"Per rank, {cfg['world']} CPU processes on gloo, torch {cfg['torch']}: `revfunc.nn.ReversibleSequence` "
+            f"of causal attention + feed-forward blocks, d={cfg['dim']}, 1 x {cfg['seq']} tokens per rank, float32, "
+            "AdamW. "
+            "State: parameters + gradients + AdamW moments a rank keeps (its shards under FSDP2). "
+            "Step peak: resident peak during one training step above the level before it (gradients already "
+            "allocated). The larger of the two ranks."
+        ),
         "",
         "| method | depth | parameters | state MiB | step peak MiB | state + peak MiB | step s |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["sharded"]:
-        lines.append(f"| {r['method']} | {r['depth']} | {r['params'] / 1e6:.2f} M | {r['state_mib']:.1f} | "
-                     f"{r['step_peak_mib']:.1f} | {r['state_mib'] + r['step_peak_mib']:.1f} | {r['step_s']:.2f} |")
+        lines.append(
+            f"| {r['method']} | {r['depth']} | {r['params'] / 1e6:.2f} M | {r['state_mib']:.1f} | "
+            f"{r['step_peak_mib']:.1f} | {r['state_mib'] + r['step_peak_mib']:.1f} | {r['step_s']:.2f} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -225,8 +251,16 @@ def main(argv=None) -> Dict:
     for method in METHODS:
         print(f"revfunc.bench.sharded: {method}, depths {args.depths}", flush=True)
         rows += run_method(method, args.depths, args.dim, args.seq)
-    result = {"sharded": rows, "config": {"world": 2, "dim": args.dim, "seq": args.seq, "depths": args.depths,
-                                          "torch": torch.__version__.split("+")[0]}}
+    result = {
+        "sharded": rows,
+        "config": {
+            "world": 2,
+            "dim": args.dim,
+            "seq": args.seq,
+            "depths": args.depths,
+            "torch": torch.__version__.split("+")[0],
+        },
+    }
     text = render_markdown(result)
     print(text)
     if args.out:

@@ -8,8 +8,8 @@ and the tolerance; default tolerances per dtype are in :data:`DEFAULT_TOLERANCES
 ``strategies`` is imported on first use, so the assertions work without hypothesis.
 """
 
-from revfunc.testing._asserts import assert_gradients_match, assert_invertible
 from revfunc._tolerances import DEFAULT_TOLERANCES, default_tolerances
+from revfunc.testing._asserts import assert_gradients_match, assert_invertible
 
 __all__ = ["assert_invertible", "assert_gradients_match", "DEFAULT_TOLERANCES", "default_tolerances", "strategies"]
 

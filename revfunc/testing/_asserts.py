@@ -44,7 +44,9 @@ def _mismatch(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: f
     if bool((diff <= atol + rtol * e.abs()).all()):
         return None
     rel = (diff / e.abs().clamp_min(torch.finfo(torch.float64).tiny)).max().item()
-    return f"max abs error {diff.max().item():.3g}, max rel error {rel:.3g} > tolerance rtol={rtol:.3g}, atol={atol:.3g}"
+    return (
+        f"max abs error {diff.max().item():.3g}, max rel error {rel:.3g} > tolerance rtol={rtol:.3g}, atol={atol:.3g}"
+    )
 
 
 def assert_invertible(
@@ -85,12 +87,15 @@ def assert_invertible(
     for i, (r1, r2), (t1, t2) in _walk.rebuilt_inputs(plan, x1, x2, tensors):
         for name, rebuilt_t, true_t in (("x2", r2, t2), ("x1", r1, t1)):  # the order the inverse rebuilds
             if not torch.isfinite(true_t).all():
-                raise AssertionError(f"{where}: block {i - 1 if i else 'input'} produced a non-finite "
-                                     f"{name} (block {i}'s input); reconstruction cannot be checked.")
+                raise AssertionError(
+                    f"{where}: block {i - 1 if i else 'input'} produced a non-finite "
+                    f"{name} (block {i}'s input); reconstruction cannot be checked."
+                )
             problem = _mismatch(rebuilt_t, true_t, rtol, atol)
             if problem:
-                raise AssertionError(f"{where}: block {i}'s input {name} rebuilt from its output differs from "
-                                     f"the forward's: {problem}.")
+                raise AssertionError(
+                    f"{where}: block {i}'s input {name} rebuilt from its output differs from the forward's: {problem}."
+                )
     # The memory-saving path must agree with the plain forward for the same seeds.
     with torch.no_grad():
         restore()
@@ -102,8 +107,10 @@ def assert_invertible(
             raise AssertionError(f"{where}: the stack's output {name} is not finite.")
         problem = _mismatch(a, e, rtol, atol)
         if problem:
-            raise AssertionError(f"{where}: output {name} of revfunc.reversible_sequence differs from a second "
-                                 f"plain forward with the same seeds (is a block impure?): {problem}.")
+            raise AssertionError(
+                f"{where}: output {name} of revfunc.reversible_sequence differs from a second "
+                f"plain forward with the same seeds (is a block impure?): {problem}."
+            )
 
 
 def _named_leaves(params: BlockParams, kwargs: Optional[BlockKwargs]) -> Tuple[List[str], List[torch.Tensor]]:
@@ -120,8 +127,9 @@ def _named_leaves(params: BlockParams, kwargs: Optional[BlockKwargs]) -> Tuple[L
     return names, tensors
 
 
-def _replace(params: BlockParams, kwargs: Optional[BlockKwargs], old: Sequence[torch.Tensor],
-             new: Sequence[torch.Tensor]):
+def _replace(
+    params: BlockParams, kwargs: Optional[BlockKwargs], old: Sequence[torch.Tensor], new: Sequence[torch.Tensor]
+):
     """``params``/``kwargs`` with each tensor of ``old`` (by identity) swapped for ``new``."""
     swap = {id(o): n for o, n in zip(old, new)}
 
@@ -197,8 +205,10 @@ def assert_gradients_match(
     for name, a, e in zip(names, got, want):
         problem = _mismatch(a, e, rtol, atol)
         if problem:
-            raise AssertionError(f"{where}: gradient of {name} from revfunc.reversible_sequence differs from "
-                                 f"plain autograd (revfunc.sequential_sequence): {problem}.")
+            raise AssertionError(
+                f"{where}: gradient of {name} from revfunc.reversible_sequence differs from "
+                f"plain autograd (revfunc.sequential_sequence): {problem}."
+            )
 
     # Independent checks: float64 finite differences, block by block, then end to end.
     base64 = [t.detach().double() for t in base]
@@ -211,7 +221,7 @@ def assert_gradients_match(
         v = [torch.randn(t.shape, generator=probe, dtype=torch.float64).to(t.device) for t in base64]
         predicted = sum((g * u).sum() for g, u in zip(grads64, v)).item()
 
-        def shifted(sign):
+        def shifted(sign, v=v):  # this direction's v
             moved = [t + sign * eps * u for t, u in zip(base64, v)]
             p, k = _replace(p64, k64, base64[2:], moved[2:])
             restore()
@@ -231,16 +241,17 @@ def assert_gradients_match(
     restore()
 
 
-
-def _check_blocks_by_finite_differences(where, blocks, params, x1, x2, kwargs, generator, probe, restore,
-                                        eps: float = 1e-6, tol: float = 1e-5) -> None:
+def _check_blocks_by_finite_differences(
+    where, blocks, params, x1, x2, kwargs, generator, probe, restore, eps: float = 1e-6, tol: float = 1e-5
+) -> None:
     """Each branch's own vjp against float64 central differences at its recorded input."""
     plan, tensors = make_plan(where, blocks, params, kwargs, generator, x1, x2, replay=True)
     restore()
     inputs: list = []
     with torch.no_grad():
-        y1, _, _ = _walk.checked(plan, tensors, x1.device, lambda watch: _walk.forward(plan, x1, x2, tensors, watch,
-                                                                                       inputs))
+        y1, _, _ = _walk.checked(
+            plan, tensors, x1.device, lambda watch: _walk.forward(plan, x1, x2, tensors, watch, inputs)
+        )
     # f of block i sees its input x2; g sees y1 = the next block's x1 (the output's y1 last).
     branch_inputs = [(b2, inputs[i + 1][0] if i + 1 < len(inputs) else y1) for i, (_, b2) in enumerate(inputs)]
     for i, block_inputs in enumerate(branch_inputs):
@@ -250,11 +261,11 @@ def _check_blocks_by_finite_differences(where, blocks, params, x1, x2, kwargs, g
             diff = list({j: (n, j) for n, j in plan.binds[i][branch].params if tensors[j].is_floating_point()}.values())
             r = torch.randn(x.shape, generator=probe, dtype=torch.float64).to(x.device)  # outputs are shaped like x
 
-            def value(x_in, moved):
+            def value(x_in, moved, i=i, branch=branch, r=r):  # this branch's call and projection
                 with torch.no_grad():
                     return (_branch.call(plan, i, branch, x_in, moved).double() * r).sum().item()
 
-            def with_slots(new):
+            def with_slots(new, diff=diff):
                 moved = list(tensors)
                 for (_, j), t in zip(diff, new):
                     moved[j] = t
@@ -264,10 +275,9 @@ def _check_blocks_by_finite_differences(where, blocks, params, x1, x2, kwargs, g
                 xs = x.detach().requires_grad_()
                 ps = [tensors[j].detach().requires_grad_() for _, j in diff]
                 out = _branch.call(plan, i, branch, xs, with_slots(ps))
-                g = torch.autograd.grad((out.double() * r).sum(), [xs, *ps], allow_unused=True,
-                                        materialize_grads=True)
+                g = torch.autograd.grad((out.double() * r).sum(), [xs, *ps], allow_unused=True, materialize_grads=True)
             v = [torch.randn(t.shape, generator=probe, dtype=torch.float64).to(t.device) for t in (xs, *ps)]
-            predicted = sum((a * u).sum() for a, u in zip(g, v)).item()
+            predicted = float(sum((a * u).sum() for a, u in zip(g, v)))
             plus = value(x + eps * v[0], with_slots([tensors[j] + eps * u for (_, j), u in zip(diff, v[1:])]))
             minus = value(x - eps * v[0], with_slots([tensors[j] - eps * u for (_, j), u in zip(diff, v[1:])]))
             measured = (plus - minus) / (2 * eps)
@@ -279,4 +289,5 @@ def _check_blocks_by_finite_differences(where, blocks, params, x1, x2, kwargs, g
                     f"{where}: block {i} branch {name}: its gradient w.r.t. (input x, params) along a random "
                     f"direction ({predicted:.10g}) differs from float64 finite differences ({measured:.10g}): abs "
                     f"error {err:.3g}, rel error {err / max(abs(measured), 1e-300):.3g} > tolerance {tol:.0e}; "
-                    f"largest term from tensor {worst!r} (a wrong custom backward in this branch?).")
+                    f"largest term from tensor {worst!r} (a wrong custom backward in this branch?)."
+                )

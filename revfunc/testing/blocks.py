@@ -49,15 +49,18 @@ class Attention(nn.Module):
         attn_mask, is_causal = None, self.causal
         if mask is not None:
             if mask.dtype != torch.bool or mask.shape != x.shape[:2]:
-                raise ValueError("revfunc.testing.blocks.Attention: mask expected a bool tensor of shape "
-                                 f"{tuple(x.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}.")
+                raise ValueError(
+                    "revfunc.testing.blocks.Attention: mask expected a bool tensor of shape "
+                    f"{tuple(x.shape[:2])}, got {mask.dtype} {tuple(mask.shape)}."
+                )
             attn_mask = mask[:, None, None, :]
             if self.causal:  # SDPA takes is_causal or attn_mask, not both
                 n = x.shape[1]
                 attn_mask = attn_mask & torch.ones(n, n, dtype=torch.bool, device=x.device).tril()
                 is_causal = False
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
-                                             dropout_p=self.dropout if self.training else 0.0)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, dropout_p=self.dropout if self.training else 0.0
+        )
         return self.to_out(rearrange(out, "b h n e -> b n (h e)"))
 
     def extra_repr(self) -> str:
@@ -77,8 +80,9 @@ class FeedForward(nn.Module):
         return self.net(x)
 
 
-def transformer_layers(depth: int, dim: int, heads: int = 4, mult: int = 4, dropout: float = 0.0,
-                       causal: bool = False) -> nn.ModuleList:
+def transformer_layers(
+    depth: int, dim: int, heads: int = 4, mult: int = 4, dropout: float = 0.0, causal: bool = False
+) -> nn.ModuleList:
     """``depth`` pairs ``(Attention, FeedForward)``, the classic container's input."""
     return nn.ModuleList(
         nn.ModuleList([Attention(dim, heads, dropout, causal), FeedForward(dim, mult, dropout)]) for _ in range(depth)

@@ -81,8 +81,9 @@ def depths(min_depth: int = 1, max_depth: int = 16) -> st.SearchStrategy[int]:
 
 
 @st.composite
-def tensors(draw: Callable, shape: Tuple[int, ...], dtype: torch.dtype = torch.float64,
-            scale: float = 1.0) -> torch.Tensor:
+def tensors(
+    draw: Callable, shape: Tuple[int, ...], dtype: torch.dtype = torch.float64, scale: float = 1.0
+) -> torch.Tensor:
     """A finite normal tensor of ``shape`` from a seeded generator (the seed is drawn)."""
     seed = draw(st.integers(0, 2**31 - 1))
     gen = torch.Generator().manual_seed(seed)
@@ -96,8 +97,9 @@ def _mlp_branch(params, x, scale=None):
 
 
 @st.composite
-def mlp_blocks(draw: Callable, depth: int, dim: int, dtype: torch.dtype = torch.float64,
-               hidden: Optional[int] = None) -> Tuple[list, list]:
+def mlp_blocks(
+    draw: Callable, depth: int, dim: int, dtype: torch.dtype = torch.float64, hidden: Optional[int] = None
+) -> Tuple[list, list]:
     """``(blocks, params)``: ``depth`` pairs of pure tanh-MLP branches with random weights.
 
     Weights are scaled by ``1/sqrt(fan_in)`` so deep stacks stay well conditioned.
@@ -108,9 +110,9 @@ def mlp_blocks(draw: Callable, depth: int, dim: int, dtype: torch.dtype = torch.
 
     def branch_params():
         return {
-            "w1": (torch.randn(dim, hidden, generator=gen, dtype=torch.float64) / dim ** 0.5).to(dtype),
+            "w1": (torch.randn(dim, hidden, generator=gen, dtype=torch.float64) / dim**0.5).to(dtype),
             "b1": (torch.randn(hidden, generator=gen, dtype=torch.float64) * 0.1).to(dtype),
-            "w2": (torch.randn(hidden, dim, generator=gen, dtype=torch.float64) / hidden ** 0.5 * 0.5).to(dtype),
+            "w2": (torch.randn(hidden, dim, generator=gen, dtype=torch.float64) / hidden**0.5 * 0.5).to(dtype),
         }
 
     blocks = [(_mlp_branch, _mlp_branch)] * depth
@@ -132,8 +134,9 @@ def attention_blocks(draw: Callable, depth: int, dim: int, dtype: torch.dtype = 
 
 
 @st.composite
-def routed_kwargs(draw: Callable, depth: int, batch_shape: Tuple[int, ...], dim: int,
-                  dtype: torch.dtype = torch.float64) -> list:
+def routed_kwargs(
+    draw: Callable, depth: int, batch_shape: Tuple[int, ...], dim: int, dtype: torch.dtype = torch.float64
+) -> list:
     """A differentiable ``scale`` tensor of shape ``(dim,)`` routed to a random subset of
     branches with :func:`revfunc.route_args` (for :func:`mlp_blocks`)."""
     route = tuple(draw(st.tuples(st.booleans(), st.booleans())) for _ in range(depth))
@@ -142,8 +145,13 @@ def routed_kwargs(draw: Callable, depth: int, batch_shape: Tuple[int, ...], dim:
 
 
 @st.composite
-def stacks(draw: Callable, max_depth: int = 16, max_dim: int = 6,
-           dtypes: Sequence[torch.dtype] = (torch.float32, torch.float64), kind: Optional[str] = None) -> Stack:
+def stacks(
+    draw: Callable,
+    max_depth: int = 16,
+    max_dim: int = 6,
+    dtypes: Sequence[torch.dtype] = (torch.float32, torch.float64),
+    kind: Optional[str] = None,
+) -> Stack:
     """A whole example: blocks (MLP with routed kwargs, or attention), params and inputs.
 
     Args:
