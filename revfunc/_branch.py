@@ -98,35 +98,70 @@ def _unpack(t: torch.Tensor) -> torch.Tensor:
 def _saving_call(plan: Plan, i: int, branch: int, fn, params, x, kwargs):
     """The memory-saving forward's branch call, in the caller's grad mode (see
     :attr:`revfunc._plan.Plan.grad_mode`), inside the selective-saving forward context if
-    any. In grad mode it is recorded and its output returned detached, so the graph dies
-    with it, while a tensor the branch keeps (a cache) keeps its graph, as in plain
-    autograd. Outside ``torch.func`` transforms (which disable saved-tensor hooks) it runs
-    under identity saved-tensor hooks, so ``save_on_cpu`` and the caller's hooks never see
-    this transient graph, and a checkpoint around the model counts the same saved
-    tensors in its recomputation as in its forward. Its input requires grad, as the
-    stream does in plain autograd (a view of a leaf alias where the walk's own half does
-    not): an in-place write to it, or to a parameter, is refused by autograd there, and
-    re-raised naming the block and the branch."""
+    any.
+
+    In grad mode the call is recorded and its output returned detached, so the graph dies
+    with it, while a tensor the branch keeps (a cache derived from its parameters) keeps
+    its graph to them, as in plain autograd. Outside ``torch.func`` transforms (which
+    disable saved-tensor hooks and ``requires_grad_``):
+
+    - it runs under identity saved-tensor hooks, so ``save_on_cpu`` and the caller's
+      hooks never see this transient graph, and a checkpoint around the model counts
+      the same saved tensors in its recomputation as in its forward;
+    - its input is a view of a fresh leaf that requires grad, as the stream does in
+      plain autograd, and no graph reaches past it into the caller's: an in-place write
+      to it, or to a parameter, is refused by autograd there (re-raised naming the block
+      and the branch), and a tensor computed from it that outlives the call (an
+      auxiliary loss kept on the module, a hook's capture) keeps the leaf alive, which
+      :func:`_warn_kept` reports.
+    """
     seed = plan.seed(i, branch)
     if not plan.grad_mode:
         if plan.contexts is None:
             return call_branch(fn, params, x, kwargs, seed)
         with plan.contexts.forward_context(i, branch):
             return call_branch(fn, params, x, kwargs, seed)
+    leaf = None
     hooks = (
         torch.autograd.graph.saved_tensors_hooks(_keep, _unpack)
         if torch._C._autograd._saved_tensors_hooks_is_enabled()  # type: ignore[attr-defined]  # private, 2.11-2.13
         else contextlib.nullcontext()
     )
     with torch.enable_grad(), hooks:
-        if not x.requires_grad and torch._C._functorch.peek_interpreter_stack() is None:
-            x = x.detach().requires_grad_().view_as(x)  # as in plain autograd, where the stream requires grad
+        if torch._C._functorch.peek_interpreter_stack() is None:
+            leaf = x.detach().requires_grad_()
+            x = leaf.view_as(leaf)
         if plan.contexts is None:
             out = call_branch(fn, params, x, kwargs, seed)
         else:
             with plan.contexts.forward_context(i, branch):
                 out = call_branch(fn, params, x, kwargs, seed)
-    return out.detach() if isinstance(out, torch.Tensor) else out
+    if not isinstance(out, torch.Tensor):
+        return out  # refused by the output check
+    result = out.detach()
+    if leaf is not None:
+        kept = weakref.ref(leaf)
+        del x, out, leaf
+        if kept() is not None:
+            _warn_kept(plan, i, branch, fn)
+    return result
+
+
+# Branch functions warned about keeping a tensor computed from their input (weakly).
+_WARNED_KEPT: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def _warn_kept(plan: Plan, i: int, branch: int, fn) -> None:
+    """Warn, once per branch function, that it kept a tensor computed from its input."""
+    try:
+        if fn in _WARNED_KEPT:
+            return
+        _WARNED_KEPT.add(fn)
+    except TypeError:  # not weak-referenceable: warned each time
+        pass
+    import warnings
+
+    warnings.warn(_checks.kept_tensor_warning(plan.where, i, BRANCHES[branch], fn), UserWarning, stacklevel=6)
 
 
 # Autograd's refusals of an in-place write in grad mode: to the input (a view of the leaf

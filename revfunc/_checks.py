@@ -280,12 +280,24 @@ def captured_tensor_error(where: str, index: int, branch: str, fn: Any, tensor: 
     )
 
 
+def kept_tensor_warning(where: str, index: int, branch: str, fn: Any) -> str:
+    return (
+        f"{where}: {branch_name(index, branch)} ({fn!r}) kept a tensor computed from its input beyond its forward "
+        "call (an auxiliary loss or activations stored on a module, a forward hook's capture). A reversible stack "
+        "does not keep the stream between blocks, so that tensor's graph ends at this block's input: a loss built "
+        "on it gets this branch's parameter gradients but none for earlier blocks or the input, and it holds this "
+        f"branch's activations until it is dropped. Return what a loss needs instead, or use "
+        f"{plain_alternative(where)}. (Warned once per branch.)"
+    )
+
+
 def hooks_warning(where: str, index: int, branch: str, name: str, module: Any) -> str:
     return (
         f"{where}: {branch_name(index, branch)} has forward hooks on submodule {name!r} "
         f"({type(module).__name__}). The backward recomputes the branch, so they fire twice per training step "
-        "(in forward and in the recomputation), and tensors they (or the forward) capture, such as an auxiliary "
-        "loss stored on the module, carry no autograd graph: a loss built on them contributes no gradient. Use "
+        "(in forward and in the recomputation), and the graph of a tensor they (or the forward) capture, such as an "
+        "auxiliary loss stored on the module, ends at the block's input: a loss built on it gets no gradient for "
+        "earlier blocks. Use "
         "revfunc.sequential_sequence / revfunc.nn.SequentialSequence for such modules. (Warned once per module.)"
     )
 

@@ -289,3 +289,35 @@ def test_a_closure_captured_tensor_that_starts_requiring_grad_is_refused_then():
     y1, y2 = revfunc.reversible_sequence(blocks, params, x, x)
     with pytest.raises(RuntimeError, match=r"block 0 branch g .* uses a tensor that requires grad but was not"):
         (y1.sum() + y2.sum()).backward()
+
+
+class StoresAuxLoss(nn.Module):
+    """Keeps an auxiliary loss computed from its input on the module (as MoE routers do)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(DIM, DIM).double()
+        self.aux = None
+
+    def forward(self, x):
+        out = torch.tanh(self.lin(x))
+        self.aux = out.pow(2).mean()
+        return out
+
+
+def test_a_branch_keeping_a_tensor_computed_from_its_input_is_warned_about_once():
+    import warnings
+
+    model = rnn.ReversibleSequence(_pairs(StoresAuxLoss))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(_x()).sum().backward()
+        model(_x()).sum().backward()  # once per branch
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 4, messages
+    for (i, branch), text in zip([(0, "f"), (0, "g"), (1, "f"), (1, "g")], messages):
+        assert text.startswith(
+            f"revfunc.nn.ReversibleSequence: block {i} branch {branch} (PureModule(StoresAuxLoss)) "
+            "kept a tensor computed from its input beyond its forward call"
+        ), text
+        assert text.endswith("or use revfunc.nn.SequentialSequence. (Warned once per branch.)"), text
