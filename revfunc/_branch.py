@@ -124,7 +124,7 @@ def _saving_call(plan: Plan, i: int, branch: int, fn, params, x, kwargs):
     leaf = None
     hooks = (
         torch.autograd.graph.saved_tensors_hooks(_keep, _unpack)
-        if torch._C._autograd._saved_tensors_hooks_is_enabled()  # type: ignore[attr-defined]  # private, 2.11-2.13
+        if _caller_hooks_active()  # each pack is a Python call: only when the caller's would run instead
         else contextlib.nullcontext()
     )
     with torch.enable_grad(), hooks:
@@ -145,6 +145,16 @@ def _saving_call(plan: Plan, i: int, branch: int, fn, params, x, kwargs):
         if kept() is not None:
             _warn_kept(plan, i, branch, fn)
     return result
+
+
+def _caller_hooks_active() -> bool:
+    """Whether default saved-tensor hooks are set here (``save_on_cpu``, a checkpoint, the
+    caller's own) and may be replaced (not under ``torch.func``, which disables them)."""
+    autograd = torch._C._autograd
+    return (
+        autograd._saved_tensors_hooks_is_enabled()  # type: ignore[attr-defined]  # private, 2.11 to 2.13
+        and autograd._top_saved_tensors_default_hooks(False) is not None  # type: ignore[attr-defined]
+    )
 
 
 # Branch functions warned about keeping a tensor computed from their input (weakly).
@@ -427,17 +437,35 @@ def check_captures(plan, i, branch, fn, out, inputs) -> None:
     round trip (``save_on_cpu``, any ``saved_tensors_hooks``, a checkpoint around the
     model) hands back new tensor objects that share the original's edge.
     """
-    known = set()
-    for t in inputs:
-        if t.requires_grad:
-            known.add(torch.autograd.graph.get_gradient_edge(t).node)
-    seen, stack = set(), [out.grad_fn]
+    passed = {id(t) for t in inputs}  # the fast path: a leaf passed as itself
+    edges = None  # the inputs' gradient edges, the rule, built on the first leaf not passed as itself
+    seen = set()
+    stack = [out.grad_fn]
+    accumulate = _accumulate_grad_type()
     while stack:
         node = stack.pop()
-        if node is None or node in seen or node in known:
+        if node in seen:
             continue
         seen.add(node)
-        variable = getattr(node, "variable", None)
-        if variable is not None:  # an AccumulateGrad node that is not an input's
-            raise _checks.captured_tensor_error(plan.where, i, BRANCHES[branch], fn, variable)
-        stack.extend(next_node for next_node, _ in node.next_functions)
+        if type(node) is accumulate:
+            if id(node.variable) in passed:
+                continue
+            if edges is None:
+                edges = {torch.autograd.graph.get_gradient_edge(t).node for t in inputs if t.requires_grad}
+            if node not in edges:
+                raise _checks.captured_tensor_error(plan.where, i, BRANCHES[branch], fn, node.variable)
+            continue
+        for next_node, _ in node.next_functions:
+            if next_node is not None and next_node not in seen:
+                stack.append(next_node)
+
+
+_ACCUMULATE_GRAD: list = []
+
+
+def _accumulate_grad_type() -> type:
+    """The class of the autograd node a leaf's gradient accumulates in."""
+    if not _ACCUMULATE_GRAD:
+        leaf = torch.zeros((), requires_grad=True)
+        _ACCUMULATE_GRAD.append(type(torch.autograd.graph.get_gradient_edge(leaf).node))
+    return _ACCUMULATE_GRAD[0]
