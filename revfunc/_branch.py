@@ -460,10 +460,10 @@ def check_captures(plan, i, branch, fn, out, inputs) -> None:
                 stack.append(next_node)
 
 
-_ACCUMULATE_GRAD: list = []
+_ACCUMULATE_GRAD: List[Any] = []
 
 
-def _accumulate_grad_type() -> type:
+def _accumulate_grad_type() -> Any:
     """The class of the autograd node a leaf's gradient accumulates in."""
     if not _ACCUMULATE_GRAD:
         leaf = torch.zeros((), requires_grad=True)
