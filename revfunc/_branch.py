@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import weakref
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 from torch.autograd.graph import _engine_run_backward  # private, but stable from 2.11 to 2.13 (tested)
@@ -83,7 +83,7 @@ def call(
                 raise _checks.mutation_error(plan.where, i, BRANCHES[branch], fn, label(kind, name))
     if rng_before is not None and not same_states(rng_before, rng_states(x.device)):
         raise _checks.rng_error(plan.where, i, BRANCHES[branch])
-    _checks.check_branch_output(plan.where, out, x, i, BRANCHES[branch])
+    _checks.check_branch_output(plan.where, out, x, i, BRANCHES[branch], plan.coupling(i, branch))
     return out
 
 
@@ -271,7 +271,20 @@ def _bind_with(b: Bind, tensors: Sequence[torch.Tensor], replaced: Dict[int, tor
     return params, kwargs
 
 
-def vjp(plan: Plan, i: int, branch: int, tensors, needs, x, cotangent, mode: str, partner=None, captures: bool = True):
+def vjp(
+    plan: Plan,
+    i: int,
+    branch: int,
+    tensors,
+    needs,
+    x,
+    cotangent,
+    mode: str,
+    partner=None,
+    captures: bool = True,
+    exact=None,
+    dlogdet=None,
+):
     """Recompute block ``i``'s ``branch`` at ``x``, rebuild the stream, take the vjp of ``cotangent``.
 
     ``mode``: ``"eager"`` (no graph recorded, no functorch level: ``autograd`` engine
@@ -279,18 +292,28 @@ def vjp(plan: Plan, i: int, branch: int, tensors, needs, x, cotangent, mode: str
     recorded, so the gradients can be differentiated again) or ``"func"`` (a functorch
     level or ``torch.compile``: ``torch.func.vjp``, which every transform and Dynamo trace).
 
-    Returns ``(rebuilt, grads, x_grad)``: ``rebuilt = partner - fn(x)`` (the other half
-    of the block's input; ``None`` when ``partner`` is ``None``; ``partner`` is a
-    one-item list, emptied here so that the old half is freed), ``grads`` as
-    ``{flat_slot: tensor}`` for the flat tensors (params and kwargs) that need a gradient,
-    and the gradient for ``x``. Gradients are taken per slot, so a tensor bound under
-    several names gets the sum of its terms. The rebuilt half is computed before the
-    vjp, so the branch output is dead (and freed) while the vjp runs. Errors name the
-    block and the branch.
+    Returns ``(rebuilt, grads, x_grad, partner_grad)``: ``rebuilt``, the other half of the
+    block's input, rebuilt from ``partner`` (a one-item list holding the updated half,
+    emptied here so that it is freed) through the coupling's inverse (``partner - fn(x)``
+    when additive; ``None`` when ``partner`` is ``None``); ``grads`` as ``{flat_slot:
+    tensor}`` for the flat tensors (params and kwargs) that need a gradient; the gradient
+    for ``x``; and the gradient for the rebuilt half (``cotangent`` itself when additive).
+    Gradients are taken per slot, so a tensor bound under several names gets the sum of
+    its terms. The rebuilt half is computed before the vjp, so the branch output is dead
+    (and freed) while the vjp runs. Errors name the block and the branch.
+
+    A non-additive update (``plan.coupling(i, branch)``) runs :func:`_coupled_vjp`:
+    ``exact`` is the half's exact value where the plan keeps one (``boundaries``), and
+    ``dlogdet`` the cotangent of the stack's log-determinant (or ``None``).
     """
     try:
         b = plan.binds[i][branch]
         slots = _diff_slots(b, tensors, needs)
+        coupling = plan.coupling(i, branch)
+        if coupling is not None:
+            return _coupled_vjp(
+                plan, i, branch, coupling, b, tensors, slots, x, cotangent, partner, mode, captures, exact, dlogdet
+            )
         if mode == "func":
             return _func_vjp(plan, i, branch, b, tensors, slots, x, cotangent, partner)
         return _autograd_vjp(plan, i, branch, b, tensors, slots, x, cotangent, partner, mode == "graph", captures)
@@ -310,7 +333,7 @@ def _func_vjp(plan, i, branch, b, tensors, slots, x, cotangent, partner):
     cotangent = cotangent.to(out.dtype)
     del out
     g_slots, gx = vjp_fn(cotangent)
-    return rebuilt, dict(zip(slots, g_slots)), gx
+    return rebuilt, dict(zip(slots, g_slots)), gx, None
 
 
 # Branch functions whose recomputation needs an engine call without ``inputs=``: a
@@ -386,10 +409,12 @@ def _autograd_vjp(plan, i, branch, b, tensors, slots, x, cotangent, partner, cre
                 pass
             # This graph is spent: recompute on aliases.
             del root, inputs
-            _, grads_by_slot, gx = _vjp_into_aliases(plan, i, branch, b, tensors, slots, x, cotangent, None, captures)
-            return rebuilt, grads_by_slot, gx
+            _, grads_by_slot, gx, _ = _vjp_into_aliases(
+                plan, i, branch, b, tensors, slots, x, cotangent, None, captures
+            )
+            return rebuilt, grads_by_slot, gx, None
     gx = torch.zeros_like(x) if grads[0] is None else grads[0]
-    return rebuilt, {j: g for j, g in zip(slots, grads[1:]) if g is not None}, gx
+    return rebuilt, {j: g for j, g in zip(slots, grads[1:]) if g is not None}, gx, None
 
 
 def _is_reentrant(fn) -> bool:
@@ -423,7 +448,143 @@ def _vjp_into_aliases(plan, i, branch, b, tensors, slots, x, cotangent, partner,
         _engine_run_backward((root,), (cotangent,), False, False, (), True, True)
     grads = [t.grad for t in inputs]
     gx = torch.zeros_like(x) if grads[0] is None else grads[0]
-    return rebuilt, {j: g for j, g in zip(slots, grads[1:]) if g is not None}, gx
+    return rebuilt, {j: g for j, g in zip(slots, grads[1:]) if g is not None}, gx, None
+
+
+# --- couplings: how a branch output updates its half of the stream -------------------
+
+
+def _parts(h) -> Tuple[torch.Tensor, ...]:
+    """A branch output as a tuple of tensors (one, or an ``affine`` ``(s_raw, t)`` pair)."""
+    return tuple(h) if isinstance(h, (tuple, list)) else (h,)
+
+
+def _as_output(parts: Sequence[torch.Tensor]):
+    return parts[0] if len(parts) == 1 else tuple(parts)
+
+
+def event_sum(term, x: torch.Tensor, event_dim: int) -> torch.Tensor:
+    """An elementwise log-det ``term`` broadcast to ``x`` and summed over its last
+    ``event_dim`` dimensions, in ``x``'s dtype: shape ``x.shape[:x.dim() - event_dim]``."""
+    term = torch.as_tensor(term, device=x.device).to(x.dtype)
+    term = torch.broadcast_to(term, x.shape)
+    return term.sum(dim=tuple(range(x.dim() - event_dim, x.dim()))) if event_dim else term
+
+
+def update(plan: Plan, i: int, branch: int, x: torch.Tensor, h):
+    """``(y, logdet term)``: block ``i``'s ``branch`` update of its half ``x`` with the
+    branch output ``h`` (``x + h`` when additive), and its log-det summed over the event
+    dimensions (``None`` unless the plan returns a log-det, or when volume preserving)."""
+    c = plan.coupling(i, branch)
+    if c is None:
+        return x + h, None
+    y = c.forward(x, h)
+    if not plan.logdet or c.logdet is None:
+        return y, None
+    return y, event_sum(c.logdet(x, h), x, plan.event_dim)
+
+
+def rebuild(plan: Plan, i: int, branch: int, y: torch.Tensor, h) -> torch.Tensor:
+    """The half before block ``i``'s ``branch`` update: ``y - h`` when additive."""
+    c = plan.coupling(i, branch)
+    return y - h if c is None else c.inverse(y, h)
+
+
+def _coupling_vjp(c, x, h, dy, dlogdet, event_dim: int, mode: str):
+    """``(dx, dh parts)``: the vjp of ``y = c.forward(x, h)`` (and of its summed log-det,
+    when ``dlogdet`` is given) at ``(x, h)``. Elementwise and cheap: a few stream tensors.
+    ``mode`` as in :func:`vjp`: the autograd engine, recording with ``"graph"``, or
+    ``torch.func.vjp`` under a functorch level or ``torch.compile``."""
+    with_logdet = dlogdet is not None and c.logdet is not None
+
+    def run(xx, *hh):
+        h_in = _as_output(hh)
+        y = c.forward(xx, h_in)
+        if not with_logdet:
+            return (y,)
+        return y, event_sum(c.logdet(xx, h_in), xx, event_dim)
+
+    parts = _parts(h)
+    cotangents = (dy.to(x.dtype),) if not with_logdet else (dy.to(x.dtype), dlogdet.to(x.dtype))
+    if mode == "func":
+        pull = torch.func.vjp(run, x, *parts)[1]
+        grads = pull(cotangents)
+        return grads[0], tuple(grads[1:])
+    with torch.enable_grad():
+
+        def leaf(t):
+            return t if mode == "graph" and t.requires_grad else t.detach().requires_grad_()
+
+        xx, hh = leaf(x), tuple(leaf(t) for t in parts)
+        live = [(o, g) for o, g in zip(run(xx, *hh), cotangents) if o.requires_grad]  # a constant log-det is not
+        grads = torch.autograd.grad(
+            [o for o, _ in live], (xx, *hh), [g for _, g in live], create_graph=mode == "graph", allow_unused=True
+        )
+    grads = tuple(torch.zeros_like(t) if g is None else g for t, g in zip((xx, *hh), grads))
+    return grads[0], grads[1:]
+
+
+def _coupled_vjp(plan, i, branch, c, b, tensors, slots, x, cotangent, partner, mode, captures, exact, dlogdet):
+    """:func:`vjp` for a non-additive update ``y = c(partner_x, fn(x))``: recompute the
+    branch, rebuild its half with ``c.inverse``, take the coupling's vjp (for the rebuilt
+    half and the branch output, including the log-det's cotangent), then the branch's."""
+    fn = plan.blocks[i][branch]
+    half = None if partner is None else partner.pop()
+    if mode == "func":
+
+        def run(diff, inp):
+            params, kwargs = _bind_with(b, tensors, dict(zip(slots, diff)))
+            return _parts(replay(plan, i, branch, params, inp, kwargs))
+
+        outs, pull = torch.func.vjp(run, tuple(tensors[j] for j in slots), x)
+        h = _as_output(outs)
+        rebuilt = None if half is None else c.inverse(half, h)
+        half = None
+        d_half, d_h = _coupling_vjp(
+            c, exact if exact is not None else rebuilt, h, cotangent, dlogdet, plan.event_dim, "func"
+        )
+        d_h = tuple(g.to(o.dtype) for g, o in zip(d_h, outs))
+        del outs, h
+        g_slots, gx = pull(d_h)
+        return rebuilt, dict(zip(slots, g_slots)), gx, d_half
+    create_graph = mode == "graph"
+    replaced = {}
+    with torch.enable_grad():
+        for j in slots:
+            t = tensors[j]
+            if create_graph and t.requires_grad:
+                replaced[j] = t.view_as(t)
+            elif not t.requires_grad or getattr(t, "_backward_hooks", None) or t.grad_fn is not None:
+                replaced[j] = t.detach().requires_grad_()
+        xin = x.view_as(x) if create_graph and x.requires_grad else x.detach().requires_grad_()
+        params, kwargs = _bind_with(b, tensors, replaced)
+        outs = tuple(
+            o.view_as(o) if o.grad_fn is None and o.requires_grad else o
+            for o in _parts(replay(plan, i, branch, params, xin, kwargs))
+        )
+        inputs = (xin, *(replaced.get(j, tensors[j]) for j in slots))
+        del params, kwargs, replaced
+    if captures and not create_graph:
+        for o in outs:
+            if o.grad_fn is not None:
+                check_captures(plan, i, branch, fn, o, inputs)
+    h = _as_output(outs if create_graph else tuple(o.detach() for o in outs))
+    with contextlib.nullcontext() if create_graph else torch.no_grad():
+        rebuilt = None if half is None else c.inverse(half, h)
+    half = None
+    d_half, d_h = _coupling_vjp(c, exact if exact is not None else rebuilt, h, cotangent, dlogdet, plan.event_dim, mode)
+    del h
+    live = [(o, g.to(o.dtype)) for o, g in zip(outs, d_h) if o.grad_fn is not None]
+    del outs
+    if not live:  # nothing to differentiate (a branch that ignores its inputs)
+        grads = (None,) * len(inputs)
+    else:
+        grads = torch.autograd.grad(
+            [o for o, _ in live], inputs, [g for _, g in live], create_graph=create_graph, allow_unused=True
+        )
+    del live
+    gx = torch.zeros_like(x) if grads[0] is None else grads[0]
+    return rebuilt, {j: g for j, g in zip(slots, grads[1:]) if g is not None}, gx, d_half
 
 
 def check_captures(plan, i, branch, fn, out, inputs) -> None:

@@ -52,22 +52,29 @@ def block_slots(plan: Plan, i: int) -> Dict[int, int]:
     return slots
 
 
-def apply(plan: Plan, x1: torch.Tensor, x2: torch.Tensor, tensors) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The stack as a chain of per-block nodes, its checks hoisted around it."""
+def apply(plan: Plan, x1: torch.Tensor, x2: torch.Tensor, tensors) -> Tuple[torch.Tensor, ...]:
+    """The stack as a chain of per-block nodes, its checks hoisted around it: ``(y1, y2)``,
+    and the log-det (the sum of the nodes' terms) when ``plan.logdet``."""
     positions = [block_slots(plan, i) for i in range(len(plan.blocks))]
     tape = Tape(positions)
 
     def run(watch):
         a1, a2 = x1, x2
-        for i in range(len(positions)):  # each block through the walk's gathering point
-            a1, a2 = _walk.gathered(plan, i, tensors, _node, a1, a2, tape, watch)
-        return a1, a2
+        if not plan.logdet:
+            for i in range(len(positions)):  # each block through the walk's gathering point
+                a1, a2 = _walk.gathered(plan, i, tensors, _node, a1, a2, tape, watch)
+            return a1, a2
+        logdet = None
+        for i in range(len(positions)):
+            a1, a2, term = _walk.gathered(plan, i, tensors, _node, a1, a2, tape, watch)
+            logdet = term if logdet is None else logdet + term
+        return a1, a2, logdet
 
     return _walk.checked(plan, tensors, x1.device, run)
 
 
 def _node(
     plan: Plan, i: int, tensors, x1: torch.Tensor, x2: torch.Tensor, tape: Tape, watch
-) -> Tuple[torch.Tensor, torch.Tensor]:
+) -> Tuple[torch.Tensor, ...]:
     """Block ``i``'s node: its forward now, its backward when autograd reaches it."""
     return _apply(plan, tape, i, watch, x1, x2, *(tensors[j] for j in tape.positions[i]))

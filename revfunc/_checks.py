@@ -170,6 +170,21 @@ def check_positive_int(where: str, arg: str, value: Any, allow_none: bool = True
 # Messages of the engine's per-branch checks (raised by revfunc._branch and revfunc._walk).
 
 
+def check_logdet_args(where: str, return_logdet: Any, event_dim: Any, x: torch.Tensor) -> None:
+    """``return_logdet``: a bool; ``event_dim``: an int from 0 to ``x.dim()``."""
+    check_bool(where, "return_logdet", return_logdet)
+    if isinstance(event_dim, bool) or not isinstance(event_dim, int) or not 0 <= event_dim <= x.dim():
+        raise ValueError(
+            msg(
+                where,
+                "event_dim",
+                f"an int from 0 to the stream's {x.dim()} dims",
+                describe(event_dim),
+                "It counts the trailing dims the log-det sums over, as in torch.distributions.",
+            )
+        )
+
+
 def check_bool(where: str, arg: str, value: Any) -> None:
     if not isinstance(value, bool):
         raise TypeError(msg(where, arg, "a bool", describe(value)))
@@ -192,9 +207,20 @@ def branch_name(index: int, branch: str) -> str:
     return f"block {index} branch {branch}"
 
 
-def check_branch_output(where: str, out: Any, x: torch.Tensor, index: int, branch: str) -> None:
+def check_branch_output(where: str, out: Any, x: torch.Tensor, index: int, branch: str, coupling: Any = None) -> None:
     """A branch output: a floating tensor shaped like its input, whose dtype does not widen
-    the stream (``x + out`` keeps ``x.dtype``; a lower-precision output under autocast is fine)."""
+    the stream (``x + out`` keeps ``x.dtype``; a lower-precision output under autocast is fine).
+
+    ``coupling``: the update's :class:`revfunc.couplings.Coupling` (``None``: additive).
+    One whose output is ``"pair"`` (``affine``) takes a pair of such tensors or one tensor
+    of twice the size along its ``dim``; ``"any"`` (a user's coupling) is not checked here.
+    """
+    kind = "tensor" if coupling is None else coupling.output
+    if kind == "any":
+        return
+    if kind == "pair":
+        _check_pair_output(where, out, x, index, branch, coupling)
+        return
     if not isinstance(out, torch.Tensor) or out.shape != x.shape:
         got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else describe(out)
         fix = "A reversible branch must preserve the shape."
@@ -206,6 +232,37 @@ def check_branch_output(where: str, out: Any, x: torch.Tensor, index: int, branc
         raise ValueError(
             msg(where, branch_name(index, branch), f"an output shaped like its input {tuple(x.shape)}", got, fix)
         )
+    _check_output_dtype(where, out, x, index, branch)
+
+
+def _check_pair_output(where: str, out: Any, x: torch.Tensor, index: int, branch: str, coupling: Any) -> None:
+    """``affine``'s branch output: ``(s_raw, t)`` shaped like ``x``, or one tensor with twice
+    ``x``'s size along ``coupling.dim``."""
+    shape = tuple(x.shape)
+    dim = coupling.dim % max(x.dim(), 1) if x.dim() else 0
+    double = shape[:dim] + (2 * shape[dim],) + shape[dim + 1 :] if x.dim() else None
+    if isinstance(out, (tuple, list)):
+        ok = len(out) == 2 and all(isinstance(t, torch.Tensor) and tuple(t.shape) == shape for t in out)
+        parts = tuple(out)
+    else:
+        ok = isinstance(out, torch.Tensor) and tuple(out.shape) == double
+        parts = (out,)
+    if not ok:
+        raise ValueError(
+            msg(
+                where,
+                branch_name(index, branch),
+                f"for {coupling!r} an output (s, t) of two tensors shaped like its input {shape}, or one tensor of "
+                f"shape {double} (twice the size along dim {coupling.dim})",
+                f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else describe(out),
+                "Make the branch's last layer output twice the width (FrEIA's subnet convention) or return (s, t).",
+            )
+        )
+    for part in parts:
+        _check_output_dtype(where, part, x, index, branch)
+
+
+def _check_output_dtype(where: str, out: torch.Tensor, x: torch.Tensor, index: int, branch: str) -> None:
     if out.dtype != x.dtype and (not out.is_floating_point() or torch.promote_types(out.dtype, x.dtype) != x.dtype):
         raise TypeError(
             msg(

@@ -31,7 +31,7 @@ from typing import Any, Dict
 
 import torch
 
-from revfunc import _branch, _walk
+from revfunc import _walk
 from revfunc._levels import (
     backward_after_transform,
     backward_one_level_down,
@@ -48,20 +48,24 @@ class _ReversibleBase(torch.autograd.Function):
         plan = inputs[0]
         ctx.plan = plan
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(*output, *inputs[3:])
+        # The outputs are (y1, y2, *kept) and the log-det last (plan.logdet), not saved.
+        ctx.save_for_backward(*(output[:-1] if plan.logdet else output), *inputs[3:])
 
     @staticmethod
-    def backward(ctx, dy1, dy2, *_boundary_grads):
+    def backward(ctx, dy1, dy2, *rest):
         needs = ctx.needs_input_grad
         plan = ctx.plan
         saved = list(ctx.saved_tensors)
+        dlogdet = rest[-1] if plan.logdet else None
         interpreter = None if plan.higher_order else current_grad_interpreter()
         if interpreter is not None:
-            dx1, dx2, grads = backward_one_level_down(interpreter, plan, dy1, dy2, saved, needs[3:], _walk.backward)
+            dx1, dx2, grads = backward_one_level_down(
+                interpreter, plan, dy1, dy2, saved, needs[3:], _walk.backward, dlogdet
+            )
         elif not plan.higher_order and torch.is_grad_enabled() and from_exited_transform(saved):
-            dx1, dx2, grads = backward_after_transform(plan, dy1, dy2, saved, needs[3:], _walk.backward)
+            dx1, dx2, grads = backward_after_transform(plan, dy1, dy2, saved, needs[3:], _walk.backward, dlogdet)
         else:
-            dx1, dx2, grads = _walk.backward(plan, dy1, dy2, saved, needs[3:])
+            dx1, dx2, grads = _walk.backward(plan, dy1, dy2, saved, needs[3:], dlogdet=dlogdet)
         return (None, dx1 if needs[1] else None, dx2 if needs[2] else None, *grads)
 
 
@@ -140,8 +144,7 @@ class BlockFunction(torch.autograd.Function):
         view = dict(zip(tape.positions[i], block_tensors))  # {flat slot: tensor}, what bind reads
         if i == 0 and watch:
             x2 = x2.clone()  # f sees a copy: a branch that writes its input cannot reach the caller's
-        y1 = x1 + _branch.call(plan, i, 0, x2, view, watch, saving=True)
-        y2 = x2 + _branch.call(plan, i, 1, y1, view, watch, saving=True)
+        y1, y2, term = _walk.block_forward(plan, i, view, x1, x2, watch, True)
         ctx.plan, ctx.tape, ctx.index = plan, tape, i
         ctx.set_materialize_grads(False)
         extra = ()
@@ -150,10 +153,12 @@ class BlockFunction(torch.autograd.Function):
         elif i in plan.boundaries:
             extra = (x1, x2)
         ctx.save_for_backward(*block_tensors, *extra)
+        if plan.logdet:  # this block's term of the stack's log-det (the chain sums them)
+            return y1, y2, _walk.zero_logdet(plan, y1) if term is None else term
         return y1, y2
 
     @staticmethod
-    def backward(ctx, dy1, dy2):
+    def backward(ctx, dy1, dy2, *dlogdet):
         plan, tape, i = ctx.plan, ctx.tape, ctx.index
         saved = ctx.saved_tensors
         position = tape.positions[i]
@@ -173,6 +178,7 @@ class BlockFunction(torch.autograd.Function):
             _walk.backward_mode(),
             boundary_input=boundary_input,
             rebuild=i > 0 and rebuild,
+            dlogdet=dlogdet[0] if dlogdet else None,
         )
         if i > 0 and rebuild:
             tape.put(i - 1, x1, x2)

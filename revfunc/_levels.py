@@ -97,7 +97,7 @@ def guarded(results, anchors, message, level=None):
     return results
 
 
-def backward_one_level_down(interpreter, plan, dy1, dy2, saved, needs, walk):
+def backward_one_level_down(interpreter, plan, dy1, dy2, saved, needs, walk, dlogdet=None):
     """``walk`` (the backward block walk) for a ``torch.func`` grad level, recorded only below it.
 
     ``torch.func.grad``/``vjp`` differentiate with ``create_graph=True`` and would record
@@ -124,13 +124,15 @@ def backward_one_level_down(interpreter, plan, dy1, dy2, saved, needs, walk):
         records = records_below()
         base_grad = torch.is_grad_enabled()
         with contextlib.nullcontext() if records else torch.no_grad():
-            dx1, dx2, grads = walk(plan, unwrap(dy1), unwrap(dy2), saved_down, needs, captures=False)
+            dx1, dx2, grads = walk(
+                plan, unwrap(dy1), unwrap(dy2), saved_down, needs, captures=False, dlogdet=unwrap(dlogdet)
+            )
         results = [dx1, dx2, *grads]
         if not records and base_grad and torch._C._functorch.peek_interpreter_stack() is None:
             results = guarded(results, anchors, message)
     results = [None if r is None else _wrap_for_grad(r, level) for r in results]
     if torch.is_grad_enabled():
-        results = guarded(results, (dy1, dy2, *saved), message, level)
+        results = guarded(results, (dy1, dy2, dlogdet, *saved), message, level)
     return results[0], results[1], results[2:]
 
 
@@ -145,7 +147,7 @@ def from_exited_transform(saved) -> bool:
     return any(t is not None and is_functorch_wrapped_tensor(t) and maybe_get_level(t) == -2 for t in saved)
 
 
-def backward_after_transform(plan, dy1, dy2, saved, needs, walk):
+def backward_after_transform(plan, dy1, dy2, saved, needs, walk, dlogdet=None):
     """``walk`` for a ``vjp_fn`` called after its ``torch.func.vjp`` returned.
 
     That ``vjp_fn`` differentiates with ``create_graph=True`` at base, so with live
@@ -162,6 +164,8 @@ def backward_after_transform(plan, dy1, dy2, saved, needs, walk):
         return t
 
     with torch.no_grad():
-        dx1, dx2, grads = walk(plan, unwrap(dy1), unwrap(dy2), [unwrap(t) for t in saved], needs, captures=False)
+        dx1, dx2, grads = walk(
+            plan, unwrap(dy1), unwrap(dy2), [unwrap(t) for t in saved], needs, captures=False, dlogdet=unwrap(dlogdet)
+        )
     results = guarded([dx1, dx2, *grads], saved, SAME_LEVEL.format(where=plan.where))
     return results[0], results[1], results[2:]

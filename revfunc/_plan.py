@@ -19,6 +19,7 @@ from typing import Any, Dict, List, NamedTuple, Optional, Sequence, Tuple
 import torch
 
 from revfunc import _checks
+from revfunc.couplings import per_block
 from revfunc.random import derive_seed, draw_base_seed
 from revfunc.selective import SavedContexts
 
@@ -59,6 +60,12 @@ class Plan:
         units: per block, the module whose call gathers and releases the block's
             parameters (an FSDP2 module: ``fully_shard`` on the block), or ``None``
             throughout; see :func:`revfunc._walk.gathered`.
+        couplings: per block ``(c_f, c_g)``, the :class:`revfunc.couplings.Coupling` of
+            each update, or ``None``: every update additive (``x + h``), the path that
+            computes exactly what it computed before couplings existed.
+        logdet: the walk also returns the stack's log-determinant, summed over both updates
+            of every block and over the last ``event_dim`` dimensions.
+        event_dim: as ``torch.distributions.Transform.event_dim``.
         grad_mode: the caller's grad mode. The memory-saving forward runs each branch in
             it (recording, its output then detached), as the backward's recomputation
             runs it with grad enabled and plain autograd in the caller's mode: a branch
@@ -78,6 +85,9 @@ class Plan:
     residual: bool = False
     contexts: Any = None
     units: Optional[Tuple[Any, ...]] = None
+    couplings: Optional[Tuple[Tuple[Any, Any], ...]] = None
+    logdet: bool = False
+    event_dim: int = 1
     grad_mode: bool = False
 
     def seed(self, index: int, branch: int) -> Optional[int]:
@@ -85,6 +95,10 @@ class Plan:
 
     def mode(self, index: int, branch: int):
         return None if self.modes is None else self.modes[index][branch]
+
+    def coupling(self, index: int, branch: int):
+        """Block ``index``'s coupling for ``branch``'s update, ``None`` when additive."""
+        return None if self.couplings is None else self.couplings[index][branch]
 
     def first_user(self, slot: int) -> Tuple[int, str, Any, str]:
         """``(block, branch, fn, label)`` of the first branch call bound to flat ``slot``."""
@@ -271,6 +285,9 @@ def make_plan(
     residual=False,
     context_fn=None,
     units=None,
+    coupling=None,
+    logdet=False,
+    event_dim=1,
 ) -> Tuple[Plan, List[torch.Tensor]]:
     """Flatten the call's tensors and fix its seeds and autocast state in a :class:`Plan`.
 
@@ -281,7 +298,8 @@ def make_plan(
     ``recomputes``: a backward will re-run the branches (reversible paths), so forward
     hooks on branch modules are warned about. ``context_fn``: selective saving (see
     :mod:`revfunc.selective`), used when a backward can follow. ``units``: see
-    :attr:`Plan.units`.
+    :attr:`Plan.units`. ``coupling``: the ``coupling=`` argument (checked here, see
+    :func:`revfunc.couplings.per_block`); ``logdet``, ``event_dim``: see :class:`Plan`.
     """
     tensors, binds = flatten(blocks, params, kwargs, dedupe)
     stream = (x1,) if x2 is None else (x1, x2)
@@ -306,6 +324,9 @@ def make_plan(
         residual=residual,
         contexts=SavedContexts(context_fn) if context_fn is not None and replay else None,
         units=units,
+        couplings=per_block(where, coupling, depth),
+        logdet=logdet,
+        event_dim=event_dim,
         grad_mode=torch.is_grad_enabled() and not under_compile(),
     )
     return plan, tensors

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Typ
 import torch
 
 from revfunc import _checks
-from revfunc._branch import Watch, call, rng_states, same_states, set_rng_states, vjp
+from revfunc._branch import Watch, call, rebuild, rng_states, same_states, set_rng_states, update, vjp
 from revfunc._plan import Overlay, Plan
 
 T = TypeVar("T")
@@ -38,16 +38,19 @@ def forward(
     inputs: Optional[list] = None,
     saving: bool = False,
 ):
-    """The stack's forward: ``x1 <- x1 + f_i(x2); x2 <- x2 + g_i(x1)`` for each block
-    (residual plans: ``x1 <- x1 + f_i(x1); x1 <- x1 + g_i(x1)``, ``x2`` is ``None``).
+    """The stack's forward: ``x1 <- c_f(x1, f_i(x2)); x2 <- c_g(x2, g_i(x1))`` for each block
+    (``x + h`` when additive; residual plans: ``x1 <- x1 + f_i(x1); x1 <- x1 + g_i(x1)``,
+    ``x2`` is ``None``).
 
-    Returns ``(y1, y2, kept)``: ``kept`` alternates x1, x2 of each ``plan.boundaries``
-    state. ``inputs``: a list to append each block's input ``(x1, x2)`` to. When
+    Returns ``(y1, y2, kept, logdet)``: ``kept`` alternates x1, x2 of each
+    ``plan.boundaries`` state; ``logdet`` the stack's log-determinant when
+    ``plan.logdet`` (else ``None``). ``inputs``: a list to append each block's input ``(x1, x2)`` to. When
     ``watch`` is set, the first branch sees a copy of the caller's tensor, so a branch
     that writes its input is caught before it can reach the caller's data.
     """
     kept: List[torch.Tensor] = []
     boundaries = plan.boundaries
+    logdet = None
     if watch and not plan.residual:
         x2 = x2.clone()
     for i in range(len(plan.blocks)):
@@ -57,15 +60,32 @@ def forward(
             x1 = x1 + call(plan, i, 0, x1, tensors, watch)
             x1 = x1 + call(plan, i, 1, x1, tensors, watch)
             continue
-        x1, x2 = gathered(plan, i, tensors, _coupling, x1, x2, watch, saving)
+        x1, x2, term = gathered(plan, i, tensors, block_forward, x1, x2, watch, saving)
+        if term is not None:
+            logdet = term if logdet is None else logdet + term
         if i + 1 in boundaries:
             kept += (x1, x2)
-    return x1, x2, kept
+    if plan.logdet and logdet is None:
+        logdet = zero_logdet(plan, x1)
+    return x1, x2, kept, logdet
 
 
-def _coupling(plan: Plan, i: int, tensors, x1: torch.Tensor, x2: torch.Tensor, watch: Watch, saving: bool):
-    x1 = x1 + call(plan, i, 0, x2, tensors, watch, saving)
-    return x1, x2 + call(plan, i, 1, x1, tensors, watch, saving)
+def zero_logdet(plan: Plan, x1: torch.Tensor) -> torch.Tensor:
+    """The log-det of a volume-preserving stack: zeros shaped ``x1.shape[:-event_dim]``."""
+    return x1.new_zeros(x1.shape[: x1.dim() - plan.event_dim])
+
+
+def block_forward(plan: Plan, i: int, tensors, x1: torch.Tensor, x2: torch.Tensor, watch: Watch, saving: bool):
+    """Block ``i``: ``y1 = c_f(x1, f(x2)); y2 = c_g(x2, g(y1))`` (``x + h`` when additive).
+    Returns ``(y1, y2, logdet term or None)``."""
+    if plan.couplings is None:
+        x1 = x1 + call(plan, i, 0, x2, tensors, watch, saving)
+        return x1, x2 + call(plan, i, 1, x1, tensors, watch, saving), None
+    x1, term_f = update(plan, i, 0, x1, call(plan, i, 0, x2, tensors, watch, saving))
+    x2, term_g = update(plan, i, 1, x2, call(plan, i, 1, x1, tensors, watch, saving))
+    if term_f is None or term_g is None:
+        return x1, x2, term_g if term_f is None else term_f
+    return x1, x2, term_f + term_g
 
 
 def gathered(plan: Plan, i: int, tensors, step: Callable, x1: torch.Tensor, x2: torch.Tensor, *args):
@@ -115,7 +135,8 @@ def inverse(
     boundary_states=None,
 ) -> Iterator[Tuple[int, torch.Tensor, torch.Tensor]]:
     """Yield ``(i, x1, x2)``, block ``i``'s input rebuilt from its output, from the last
-    block down: ``x2 = y2 - g_i(y1); x1 = y1 - f_i(x2)``. ``boundary_states``: ``{j: (x1, x2)}``
+    block down: ``x2 = c_g^-1(y2, g_i(y1)); x1 = c_f^-1(y1, f_i(x2))`` (``y - h`` when
+    additive). ``boundary_states``: ``{j: (x1, x2)}``
     true states to restart from at ``j`` (``boundaries``), as the backward does.
     With ``watch``, the last ``g`` sees a copy of the caller's ``y1``."""
     if watch:
@@ -123,8 +144,8 @@ def inverse(
     for i in range(len(plan.blocks) - 1, -1, -1):
         if boundary_states and i + 1 in boundary_states:
             y1, y2 = boundary_states[i + 1]
-        y2 = y2 - call(plan, i, 1, y1, tensors, watch)
-        y1 = y1 - call(plan, i, 0, y2, tensors, watch)
+        y2 = rebuild(plan, i, 1, y2, call(plan, i, 1, y1, tensors, watch))
+        y1 = rebuild(plan, i, 0, y1, call(plan, i, 0, y2, tensors, watch))
         yield i, y1, y2
 
 
@@ -156,9 +177,12 @@ def checked(plan: Plan, tensors: Sequence[torch.Tensor], device: torch.device, r
 
 def reversible_forward(plan: Plan, x1: torch.Tensor, x2: torch.Tensor, tensors) -> Tuple[torch.Tensor, ...]:
     """The memory-saving forward (the Function's, and :func:`revfunc.reversible_vjp`'s):
-    ``(y1, y2, *kept)``, nothing recorded, its checks hoisted around the walk."""
-    y1, y2, kept = checked(plan, tensors, x1.device, lambda watch: forward(plan, x1, x2, tensors, watch, saving=True))
-    return (y1, y2, *kept)
+    ``(y1, y2, *kept)``, and the log-det last when ``plan.logdet``; nothing recorded, its
+    checks hoisted around the walk."""
+    y1, y2, kept, logdet = checked(
+        plan, tensors, x1.device, lambda watch: forward(plan, x1, x2, tensors, watch, saving=True)
+    )
+    return (y1, y2, *kept) if logdet is None else (y1, y2, *kept, logdet)
 
 
 def rebuilt_inputs(
@@ -177,7 +201,7 @@ def rebuilt_inputs(
     with torch.no_grad():
         # Checked one direction at a time: a stateful branch is refused after the
         # forward has updated it once, as one plain forward would.
-        y1, y2, _ = checked(plan, tensors, x1.device, recorded)
+        y1, y2, _, _ = checked(plan, tensors, x1.device, recorded)
         boundary_states = {j: inputs[j] for j in plan.boundaries}
         rebuilt = checked(
             plan, tensors, x1.device, lambda watch: list(inverse(plan, y1, y2, tensors, watch, boundary_states))
@@ -205,6 +229,7 @@ def block_backward(
     captures: bool = True,
     boundary_input=None,
     rebuild: bool = True,
+    dlogdet=None,
 ):
     """One block of the backward walk: from block ``i``'s output and its cotangents, rebuild
     its input, recompute both branches and back-propagate through them.
@@ -215,6 +240,7 @@ def block_backward(
         boundary_input: block ``i``'s input ``(x1, x2)`` kept exactly (``boundaries``), or
             ``None`` to rebuild it.
         rebuild: whether the input is needed at all (``False`` for block 0).
+        dlogdet: the cotangent of the stack's log-determinant, or ``None``.
 
     Returns:
         ``(x1, x2, dx1, dx2, grads)``: the input (``None`` when not rebuilt), its
@@ -226,27 +252,43 @@ def block_backward(
     dy2, dy1, y2, y1 = state.pop(), state.pop(), state.pop(), state.pop()
     dy1 = torch.zeros_like(y1) if dy1 is None else dy1
     dy2 = torch.zeros_like(y2) if dy2 is None else dy2
-    # g at y1 rebuilds x2 = y2 - g(y1); y2 is dead once x2 exists.
+    exact1, exact2 = (None, None) if boundary_input is None else boundary_input
+    # A non-additive update's vjp needs its half rebuilt (the coupling's own vjp), even
+    # where the half is kept exactly or not needed further.
+    coupled_f, coupled_g = plan.coupling(i, 0) is not None, plan.coupling(i, 1) is not None
+    # g at y1 rebuilds x2 = c_g^-1(y2, g(y1)); y2 is dead once x2 exists.
     # (The partner goes in a one-item list that the callee empties: no frame keeps it.)
-    box, y2 = (None if boundary_input is not None else [y2]), None
-    x2, grads, dy1_g = vjp(plan, i, 1, tensors, needs, y1, dy2, mode, box, captures)
-    if boundary_input is not None:
-        x2 = boundary_input[1]
+    box, y2 = ([y2] if boundary_input is None or coupled_g else None), None
+    x2, grads, dy1_g, dx2 = vjp(plan, i, 1, tensors, needs, y1, dy2, mode, box, captures, exact2, dlogdet)
+    if exact2 is not None:
+        x2 = exact2
+    dx2 = dy2 if dx2 is None else dx2  # additive: the cotangent passes through
     a1 = dy1 + dy1_g
-    dy1 = dy1_g = None
-    # f at x2 rebuilds x1 = y1 - f(x2) (when needed); y1 is then dead.
-    box, y1 = (None if not rebuild or boundary_input is not None else [y1]), None
-    x1, f_grads, dx2_f = vjp(plan, i, 0, tensors, needs, x2, a1, mode, box, captures)
-    if boundary_input is not None and rebuild:
-        x1 = boundary_input[0]
-    dx2 = dy2 + dx2_f
-    dy2 = dx2_f = None
+    dy1 = dy1_g = dy2 = None
+    # f at x2 rebuilds x1 = c_f^-1(y1, f(x2)) (when needed); y1 is then dead.
+    box, y1 = ([y1] if (rebuild and boundary_input is None) or coupled_f else None), None
+    x1, f_grads, dx2_f, dx1 = vjp(plan, i, 0, tensors, needs, x2, a1, mode, box, captures, exact1, dlogdet)
+    if exact1 is not None:
+        x1 = exact1
+    dx1 = a1 if dx1 is None else dx1
+    dx2 = dx2 + dx2_f
+    a1 = dx2_f = None
     for j, v in f_grads.items():
         grads[j] = v if j not in grads else grads[j] + v
-    return x1, (x2 if rebuild else None), a1, dx2, grads
+    if not rebuild:
+        x1 = x2 = None
+    return x1, x2, dx1, dx2, grads
 
 
-def backward(plan: Plan, dy1, dy2, saved: List[Optional[torch.Tensor]], needs: Sequence[bool], captures: bool = True):
+def backward(
+    plan: Plan,
+    dy1,
+    dy2,
+    saved: List[Optional[torch.Tensor]],
+    needs: Sequence[bool],
+    captures: bool = True,
+    dlogdet=None,
+):
     """Walk the blocks in reverse (:func:`block_backward` each), summing the gradients.
 
     Args:
@@ -258,6 +300,7 @@ def backward(plan: Plan, dy1, dy2, saved: List[Optional[torch.Tensor]], needs: S
         captures: refuse a branch whose recomputation reaches a tensor that requires
             grad but was not passed to it (its gradient would be lost). Off under
             ``torch.func`` transforms, where closed-over tensors are constants.
+        dlogdet: the cotangent of the stack's log-determinant (``plan.logdet``), or ``None``.
 
     Returns:
         ``(dx1, dx2, grads)`` with ``grads[j]`` the gradient of flat tensor ``j`` (or None).
@@ -274,7 +317,7 @@ def backward(plan: Plan, dy1, dy2, saved: List[Optional[torch.Tensor]], needs: S
         if i + 1 in boundary_states:
             state[:2] = boundary_states[i + 1]
         x1, x2, dx1, dx2, block_grads = block_backward(
-            plan, i, state, tensors, needs, mode, captures, boundary_states.get(i), rebuild=i > 0
+            plan, i, state, tensors, needs, mode, captures, boundary_states.get(i), rebuild=i > 0, dlogdet=dlogdet
         )
         state += (x1, x2, dx1, dx2)
         x1 = x2 = dx1 = dx2 = None

@@ -57,7 +57,7 @@ def coupling(
     plan, tensors = _one_block_plan(
         "revfunc.coupling", f, g, f_params, g_params, x1, x2, f_kwargs, g_kwargs, ("x1", "x2")
     )
-    y1, y2, _ = _walk.forward(plan, x1, x2, tensors)
+    y1, y2, _, _ = _walk.forward(plan, x1, x2, tensors)
     return y1, y2
 
 

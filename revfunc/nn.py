@@ -462,5 +462,5 @@ class SequentialSequence(nn.Module):
             recomputes=False,
             residual=True,
         )
-        y, _, _ = _walk.forward(plan, x, None, tensors)
+        y, _, _, _ = _walk.forward(plan, x, None, tensors)
         return y

@@ -19,6 +19,7 @@ from revfunc._function import function_for
 from revfunc._plan import Plan, make_plan, validate
 from revfunc._tolerances import default_tolerances
 from revfunc._types import BlockKwargs, BlockParams, Blocks
+from revfunc.couplings import CouplingSpec
 
 __all__ = [
     "reversible_sequence",
@@ -46,14 +47,23 @@ def reversible_sequence(
     higher_order: bool = False,
     deterministic: bool = False,
     context_fn: Optional[Callable[[], Tuple[Any, Any]]] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Apply a stack of additive coupling blocks with activation memory constant in depth.
+    coupling: CouplingSpec = None,
+    return_logdet: bool = False,
+    event_dim: int = 1,
+) -> Tuple[torch.Tensor, ...]:
+    """Apply a stack of coupling blocks with activation memory constant in depth.
 
-    One ``torch.autograd.Function`` wraps the whole stack. It saves only the final
-    ``(y1, y2)`` and the tensors passed in; backward rebuilds each block's input from its
-    output and recomputes ``f``/``g`` under the forward's autocast state and seeds.
-    Gradients reach ``x1``, ``x2``, every tensor in ``params`` and every floating tensor
-    in ``kwargs`` through plain autograd, so this composes with ``loss.backward()``,
+    Block ``i`` computes ``y1 = c_f(x1, f_i(x2)); y2 = c_g(x2, g_i(y1))``, with the
+    additive coupling ``x + h`` by default (see :mod:`revfunc.couplings`). Nothing between
+    blocks is kept: only the final ``(y1, y2)``, the ``checkpoint_every`` states and the
+    tensors passed in are saved; backward rebuilds each block's input from its output and
+    recomputes ``f``/``g`` under the forward's autocast state and seeds. On eager
+    ``loss.backward()`` / ``torch.autograd.grad`` the stack is a chain of one autograd node
+    per block, so each block's gradients reach their accumulators as soon as its backward
+    ends; under ``torch.func`` transforms and ``torch.compile`` one
+    ``torch.autograd.Function`` wraps the whole stack. Gradients reach ``x1``, ``x2``,
+    every tensor in ``params`` and every floating tensor in ``kwargs`` through plain
+    autograd, so this composes with ``loss.backward()``,
     ``torch.autograd.grad``, ``torch.func.grad``/``vjp``/``vmap`` and ``torch.compile``.
 
     Args:
@@ -93,6 +103,15 @@ def reversible_sequence(
             outputs are kept per block until the backward passes it). E.g.
             :data:`revfunc.selective.save_attention`. With ``loss.backward()`` /
             ``torch.autograd.grad``; not under ``torch.func`` transforms or ``torch.compile``.
+        coupling: how each branch output updates its half: one
+            :class:`revfunc.couplings.Coupling` for every update, a pair ``(c_f, c_g)``
+            for every block, or one pair per block. ``None``: additive, exactly as
+            without the argument.
+        return_logdet: also return the stack's log-determinant ``log|det dy/dx|``, summed
+            over both updates of every block and over the last ``event_dim``
+            dimensions: shape ``x1.shape[:-event_dim]``. Differentiable like the outputs.
+        event_dim: as ``torch.distributions.Transform.event_dim`` (``1``: one value per
+            row; ``3`` for ``(B, C, H, W)`` halves).
 
     Memory: activations are O(1) in depth for ``loss.backward()``, ``torch.autograd.grad``,
     ``torch.func.grad``/``grad_and_value``/``vjp``, ``vmap(grad)`` and ``torch.compile`` of
@@ -101,9 +120,9 @@ def reversible_sequence(
     plain autograd, O(L)): compile :func:`revfunc.reversible_vjp` instead.
 
     Returns:
-        ``(y1, y2)``, the final stream.
+        ``(y1, y2)``, the final stream, or ``(y1, y2, logdet)`` with ``return_logdet``.
 
-    Shapes: (*, d), (*, d) -> (*, d), (*, d).
+    Shapes: (*, d), (*, d) -> (*, d), (*, d)[, (*,)].
     Pure: reads ``params``/``kwargs``; draws one seed from ``generator`` (or the global
         RNG); every global RNG state is restored after each branch call.
     Differentiable in: x1, x2, params, floating kwargs tensors; not the generator,
@@ -136,6 +155,9 @@ def reversible_sequence(
         higher_order=higher_order,
         deterministic=deterministic,
         context_fn=context_fn,
+        coupling=coupling,
+        return_logdet=return_logdet,
+        event_dim=event_dim,
     )
 
 
@@ -154,6 +176,9 @@ def apply_stack(
     context_fn=None,
     units=None,
     where="revfunc.reversible_sequence",
+    coupling=None,
+    return_logdet=False,
+    event_dim=1,
 ):
     """:func:`reversible_sequence`, plus what the nn adapter passes: ``units``
     (:attr:`revfunc._plan.Plan.units`) for blocks sharded with FSDP2, and ``where``, the
@@ -164,6 +189,7 @@ def apply_stack(
     _checks.check_bool(where, "deterministic", deterministic)
     _check_tolerance_arg(where, check_reconstruction)
     check_context_fn(where, context_fn)
+    _checks.check_logdet_args(where, return_logdet, event_dim, x1)
     if torch.compiler.is_compiling():
         from torch._dynamo.comptime import comptime  # imported by torch.compile already
 
@@ -184,6 +210,9 @@ def apply_stack(
         replay=True if checking else None,
         context_fn=context_fn,
         units=units,
+        coupling=coupling,
+        logdet=return_logdet,
+        event_dim=event_dim,
     )
     if checking:
         _check_drift(plan, x1, x2, tensors, check_reconstruction)
@@ -198,7 +227,7 @@ def apply_stack(
     if units is not None and torch.is_grad_enabled():
         raise _checks.sharded_blocks_error(higher_order)
     out = function_for(len(tensors)).apply(plan, x1, x2, *tensors)
-    return out[0], out[1]
+    return (out[0], out[1], out[-1]) if return_logdet else (out[0], out[1])
 
 
 def check_context_fn(where: str, context_fn) -> None:
@@ -279,28 +308,50 @@ def sequential_sequence(
     *,
     kwargs: Optional[BlockKwargs] = None,
     generator: Optional[torch.Generator] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
+    coupling: CouplingSpec = None,
+    return_logdet: bool = False,
+    event_dim: int = 1,
+) -> Tuple[torch.Tensor, ...]:
     """The same stack as :func:`reversible_sequence` in plain autograd (stores everything).
 
     The reference for tests and the fallback for second-order and forward-mode
     derivatives. With the same ``generator`` state it sees the same random numbers as
-    :func:`reversible_sequence`, so outputs and gradients match.
+    :func:`reversible_sequence`, so outputs and gradients match. ``coupling``,
+    ``return_logdet``, ``event_dim``: as there.
 
-    Shapes: (*, d), (*, d) -> (*, d), (*, d).
+    Shapes: (*, d), (*, d) -> (*, d), (*, d)[, (*,)].
     Pure: as :func:`reversible_sequence`.
     Differentiable in: x1, x2, params, floating kwargs tensors (any order, forward mode too).
     """
-    return run_sequential(blocks, params, x1, x2, kwargs, generator)
+    return run_sequential(
+        blocks, params, x1, x2, kwargs, generator, coupling=coupling, return_logdet=return_logdet, event_dim=event_dim
+    )
 
 
-def run_sequential(blocks, params, x1, x2, kwargs=None, generator=None, replay=None):
+def run_sequential(
+    blocks, params, x1, x2, kwargs=None, generator=None, replay=None, coupling=None, return_logdet=False, event_dim=1
+):
     """:func:`sequential_sequence` with :func:`make_plan`'s ``replay`` (``True``: draw the
     seeds a gradient-taking call would draw, e.g. for finite differences under no_grad)."""
     where = "revfunc.sequential_sequence"
     validate(where, blocks, params, x1, x2, kwargs, generator)
-    plan, tensors = make_plan(where, blocks, params, kwargs, generator, x1, x2, replay=replay, recomputes=False)
-    y1, y2, _ = _walk.forward(plan, x1, x2, tensors)
-    return y1, y2
+    _checks.check_logdet_args(where, return_logdet, event_dim, x1)
+    plan, tensors = make_plan(
+        where,
+        blocks,
+        params,
+        kwargs,
+        generator,
+        x1,
+        x2,
+        replay=replay,
+        recomputes=False,
+        coupling=coupling,
+        logdet=return_logdet,
+        event_dim=event_dim,
+    )
+    y1, y2, _, logdet = _walk.forward(plan, x1, x2, tensors)
+    return (y1, y2, logdet) if return_logdet else (y1, y2)
 
 
 def reversible_inverse(
@@ -311,23 +362,29 @@ def reversible_inverse(
     *,
     kwargs: Optional[BlockKwargs] = None,
     generator: Optional[torch.Generator] = None,
+    coupling: CouplingSpec = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """Invert a stack: ``reversible_inverse(reversible_sequence(x)) == x`` up to rounding.
 
     Give ``generator`` in the state the forward got it in (the same base seed is drawn),
-    so random branches replay the forward's random numbers.
+    so random branches replay the forward's random numbers, and the forward's
+    ``coupling``. Sampling a flow is this inverse run on noise.
 
     Shapes: (*, d), (*, d) -> (*, d), (*, d).
     Pure: as :func:`reversible_sequence`.
     Differentiable in: y1, y2, params, floating kwargs tensors (plain autograd).
     """
-    return apply_inverse(blocks, params, y1, y2, kwargs=kwargs, generator=generator)
+    return apply_inverse(blocks, params, y1, y2, kwargs=kwargs, generator=generator, coupling=coupling)
 
 
-def apply_inverse(blocks, params, y1, y2, *, kwargs=None, generator=None, where="revfunc.reversible_inverse"):
+def apply_inverse(
+    blocks, params, y1, y2, *, kwargs=None, generator=None, where="revfunc.reversible_inverse", coupling=None
+):
     """:func:`reversible_inverse`, with ``where`` as for :func:`apply_stack`."""
     validate(where, blocks, params, y1, y2, kwargs, generator, names=("y1", "y2"))
-    plan, tensors = make_plan(where, blocks, params, kwargs, generator, y1, y2, replay=True, recomputes=False)
+    plan, tensors = make_plan(
+        where, blocks, params, kwargs, generator, y1, y2, replay=True, recomputes=False, coupling=coupling
+    )
 
     def run(watch):
         ((_, x1, x2),) = collections.deque(_walk.inverse(plan, y1, y2, tensors, watch), maxlen=1)  # block 0's, last
@@ -345,8 +402,11 @@ def reconstruction_error(
     kwargs: Optional[BlockKwargs] = None,
     generator: Optional[torch.Generator] = None,
     checkpoint_every: Optional[int] = None,
+    coupling: CouplingSpec = None,
 ) -> List[float]:
     """How far the backward pass's rebuilt inputs drift from the true ones, per block.
+    ``coupling``: as in :func:`reversible_sequence` (``scaled`` and ``momentum`` with a
+    factor below 1 divide by it in the inverse: their drift grows with depth).
 
     Runs the stack in plain forward (recording each block's input), then rebuilds the
     inputs from the final output exactly as the memory-saving backward does (resetting
@@ -374,5 +434,6 @@ def reconstruction_error(
         checkpoint_every=checkpoint_every,
         replay=True,
         recomputes=False,
+        coupling=coupling,
     )
     return _drift(plan, x1, x2, tensors)

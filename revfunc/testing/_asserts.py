@@ -249,7 +249,7 @@ def _check_blocks_by_finite_differences(
     restore()
     inputs: list = []
     with torch.no_grad():
-        y1, _, _ = _walk.checked(
+        y1, _, _, _ = _walk.checked(
             plan, tensors, x1.device, lambda watch: _walk.forward(plan, x1, x2, tensors, watch, inputs)
         )
     # f of block i sees its input x2; g sees y1 = the next block's x1 (the output's y1 last).
