@@ -21,14 +21,13 @@ import torch
 from revfunc import _checks, _walk
 from revfunc._plan import make_plan, validate
 from revfunc._types import BlockKwargs, BlockParams, Blocks
+from revfunc.couplings import CouplingSpec
 from revfunc.sequence import check_context_fn
 
 __all__ = ["reversible_vjp"]
 
-#: ``pullback(dy1, dy2) -> (dparams, dx1, dx2)``.
-Pullback = Callable[
-    [torch.Tensor, torch.Tensor], Tuple[List[Tuple[Dict[str, Optional[torch.Tensor]], ...]], torch.Tensor, torch.Tensor]
-]
+#: ``pullback(dy1, dy2[, dlogdet]) -> (dparams, dx1, dx2)``.
+Pullback = Callable[..., Tuple[List[Tuple[Dict[str, Optional[torch.Tensor]], ...]], torch.Tensor, torch.Tensor]]
 
 
 def reversible_vjp(
@@ -42,7 +41,10 @@ def reversible_vjp(
     checkpoint_every: Optional[int] = None,
     deterministic: bool = False,
     context_fn: Optional[Callable[[], Tuple[Any, Any]]] = None,
-) -> Tuple[Tuple[torch.Tensor, torch.Tensor], Pullback]:
+    coupling: CouplingSpec = None,
+    return_logdet: bool = False,
+    event_dim: int = 1,
+) -> Tuple[Tuple[torch.Tensor, ...], Pullback]:
     """Run a reversible stack and return its output with a memory-saving pullback.
 
     Like ``torch.func.vjp(lambda p, a, b: reversible_sequence(blocks, p, a, b), params,
@@ -68,6 +70,9 @@ def reversible_vjp(
             as in :func:`revfunc.reversible_sequence` (``context_fn`` eagerly only: a
             cached op output is used once, by the first pullback call). Random branches replay the forward's
             numbers in the pullback (inside ``torch.compile`` they need ``generator``).
+        coupling, return_logdet, event_dim: as in :func:`revfunc.reversible_sequence`.
+            With ``return_logdet`` the output is ``(y1, y2, logdet)`` and the pullback
+            takes ``dlogdet`` as a third cotangent.
 
     Returns:
         ``((y1, y2), pullback)``. ``pullback(dy1, dy2)`` returns ``(dparams, dx1, dx2)``:
@@ -101,6 +106,7 @@ def reversible_vjp(
     _checks.check_positive_int(where, "checkpoint_every", checkpoint_every)
     _checks.check_bool(where, "deterministic", deterministic)
     check_context_fn(where, context_fn)
+    _checks.check_logdet_args(where, return_logdet, event_dim, x1)
     # One slot per leaf (no identity dedupe): each name gets its own gradient term.
     plan, tensors = make_plan(
         where,
@@ -115,22 +121,46 @@ def reversible_vjp(
         replay=True,
         deterministic=deterministic,
         context_fn=context_fn,
+        coupling=coupling,
+        logdet=return_logdet,
+        event_dim=event_dim,
     )
     param_slots = [[b[0] for b in block] for block in plan.binds]  # [(name, slot), ...] per branch
     is_param = {j for block in param_slots for branch in block for _, j in branch}
     needs = [j in is_param and t.is_floating_point() for j, t in enumerate(tensors)]
     with torch.no_grad():
-        saved = _walk.reversible_forward(plan, x1, x2, tensors)
+        saved = list(_walk.reversible_forward(plan, x1, x2, tensors))
+    logdet = saved.pop() if return_logdet else None
     y1, y2 = saved[0], saved[1]
 
-    def pullback(dy1: torch.Tensor, dy2: torch.Tensor):
+    def pullback(dy1: torch.Tensor, dy2: torch.Tensor, dlogdet: Optional[torch.Tensor] = None):
         _checks.check_stream_pair(where, dy1, dy2, ("dy1", "dy2"))
         _checks.check_stream_pair(where, y1, dy1, ("y1", "dy1"))
+        if dlogdet is not None:
+            if logdet is None:
+                raise ValueError(
+                    _checks.msg(
+                        where,
+                        "dlogdet",
+                        "None (the call returned no log-det)",
+                        _checks.describe(dlogdet),
+                        "Pass return_logdet=True.",
+                    )
+                )
+            if not isinstance(dlogdet, torch.Tensor) or dlogdet.shape != logdet.shape:
+                raise ValueError(
+                    _checks.msg(
+                        where,
+                        "dlogdet",
+                        f"a tensor shaped like the log-det {tuple(logdet.shape)}",
+                        _checks.describe(dlogdet),
+                    )
+                )
         with torch.no_grad():
-            dx1, dx2, grads = _walk.backward(plan, dy1, dy2, [*saved, *tensors], needs)
+            dx1, dx2, grads = _walk.backward(plan, dy1, dy2, [*saved, *tensors], needs, dlogdet=dlogdet)
         return _unflatten_grads(param_slots, tensors, grads), dx1, dx2
 
-    return (y1, y2), pullback
+    return ((y1, y2) if logdet is None else (y1, y2, logdet)), pullback
 
 
 def _unflatten_grads(param_slots, tensors, grads):
