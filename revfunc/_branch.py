@@ -74,7 +74,9 @@ def call(
         if saving and _INPLACE_LEAF in str(error):
             what = _written_leaf(plan, i, branch, fn, params, x, kwargs)
             raise _checks.mutation_error(plan.where, i, BRANCHES[branch], fn, what) from error
-        raise
+        if str(error).startswith("revfunc."):  # already names its call
+            raise
+        raise _checks.branch_runtime_error(plan.where, i, BRANCHES[branch], fn, x, error) from error
     if watch == Watch.INPUT and x._version != before:
         raise _checks.mutation_error(plan.where, i, BRANCHES[branch], fn, label("input", "x"))
     if watched is not None:

@@ -281,6 +281,14 @@ def branch_type_error(where: str, index: int, branch: str, fn: Any, error: TypeE
     return TypeError(f"{where}: {branch_name(index, branch)} ({fn!r}) raised: {error}")
 
 
+def branch_runtime_error(where: str, index: int, branch: str, fn: Any, x: torch.Tensor, error: Exception):
+    """A ``RuntimeError`` raised inside a branch's forward, re-raised naming the call, the
+    block, the branch and the input's shape (a branch built for another width, say)."""
+    return RuntimeError(
+        f"{where}: {branch_name(index, branch)} ({fn!r}) raised on its input of shape {tuple(x.shape)}: {error}"
+    )
+
+
 def module_of(fn: Any, label: str) -> str:
     """`` (module 'net.1', BatchNorm1d)`` for a parameter/buffer label of a module branch."""
     module = getattr(fn, "module", None)

@@ -22,6 +22,7 @@ from torch import nn
 from revfunc import _checks, _walk
 from revfunc._plan import make_plan
 from revfunc._walk import Gathered
+from revfunc.couplings import Coupling, CouplingSpec, additive, per_block
 from revfunc.functional import PureModule, registered_since, structure_generation
 from revfunc.random import accepts_generator
 from revfunc.routing import check_router, layer_drop, route_args
@@ -128,19 +129,32 @@ class _Branch(nn.Module):
 
 
 class ReversibleBlock(nn.Module):
-    """One coupling block ``(f, g)`` on a stream whose last dim holds both halves.
+    """One coupling block ``(f, g)`` on a stream that holds both halves along ``split_dim``.
 
-    ``forward(x)`` splits ``x`` of shape ``(*, 2 * d)`` into ``(x1, x2)``, applies
-    ``y1 = x1 + f(x2); y2 = x2 + g(y1)`` with the memory-saving Function, and returns
-    ``cat([y1, y2], -1)``. ``inverse(y)`` undoes it.
+    ``forward(x)`` splits ``x`` into halves ``(x1, x2)`` along ``split_dim`` (the last dim
+    by default), applies ``y1 = c_f(x1, f(x2)); y2 = c_g(x2, g(y1))`` (``x + h`` by
+    default) with the memory-saving backward, and returns their concatenation;
+    ``forward(x, return_logdet=True)`` also returns the log-determinant, summed over
+    ``split_dim`` and every dim after it. ``inverse(y)`` undoes it.
 
-    Shapes: (*, 2 * d) -> (*, 2 * d).
+    Args:
+        f, g: the branch modules, each mapping a half to a tensor shaped like it (or what
+            the coupling takes: ``affine`` takes twice the size along its ``dim``).
+        coupling: a :class:`revfunc.couplings.Coupling` for both updates, a pair
+            ``(c_f, c_g)``, or ``None`` (additive).
+        split_dim: the dim that holds the two halves.
+
+    Shapes: (*, 2 * d) -> (*, 2 * d) with the default ``split_dim=-1``.
     """
 
-    def __init__(self, f: nn.Module, g: nn.Module):
+    def __init__(self, f: nn.Module, g: nn.Module, coupling: CouplingSpec = None, split_dim: int = -1):
         super().__init__()
         self.f = _Branch(f)
         self.g = _Branch(g)
+        where = "revfunc.nn.ReversibleBlock"
+        pairs = per_block(where, coupling if not isinstance(coupling, list) else tuple(coupling), 1)
+        self.coupling = None if pairs is None else pairs[0]
+        self.split_dim = _check_split_dim(where, split_dim, allow_none=False)
         self._pure = (PureModule(f), PureModule(g))
         self._lazy = _has_lazy(self)  # lazy modules: materialized by the first forward
         self._generation = structure_generation()
@@ -191,40 +205,40 @@ class ReversibleBlock(nn.Module):
             cached = self.__dict__["_random_candidates"] = _random_submodules(self)
         return cached
 
-    def _split(self, where: str, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(_checks.msg(where, "x", "a torch.Tensor", _checks.describe(x)))
-        if x.dim() == 0 or x.shape[-1] % 2:
-            raise ValueError(f"{where}: x needs an even last dim to split into (x1, x2); got x.shape={tuple(x.shape)}.")
-        x1, x2 = x.chunk(2, dim=-1)
-        return x1, x2
-
     def forward(
         self,
         x: torch.Tensor,
         f_args: Optional[Mapping[str, Any]] = None,
         g_args: Optional[Mapping[str, Any]] = None,
         generator: Optional[torch.Generator] = None,
-    ) -> torch.Tensor:
+        return_logdet: bool = False,
+    ):
         if type(x) is Gathered:
             # The walk running this block inside a ReversibleSequence (revfunc._walk.gathered),
             # through this module's call so that its hooks (FSDP2's) run around the block;
             # the two stream halves come in the next two places.
             return x(self.pure()[1], f_args, g_args)
-        x1, x2 = self._split("revfunc.nn.ReversibleBlock", x)
+        where = "revfunc.nn.ReversibleBlock"
+        split_dim = self.__dict__.get("split_dim", -1)  # absent on blocks pickled before it
+        x1, x2 = _split(where, x, split_dim)
+        kwargs = [(f_args or {}, g_args or {})]
         if self.__dict__.get("_lazy"):
-            _materialize("revfunc.nn.ReversibleBlock", [self], x1, x2, [(f_args or {}, g_args or {})])
+            _materialize(where, [self], x1, x2, kwargs)
         fns, params = self.pure()
-        y1, y2 = apply_stack(
+        out = apply_stack(
             [fns],
             [params],
             x1,
             x2,
-            kwargs=[(f_args or {}, g_args or {})],
+            kwargs=kwargs,
             generator=generator,
-            where="revfunc.nn.ReversibleBlock",
+            where=where,
+            coupling=_couplings([self]),
+            return_logdet=return_logdet,
+            event_dim=_event_dim(x, split_dim),
         )
-        return torch.cat([y1, y2], dim=-1)
+        y = torch.cat([out[0], out[1]], dim=split_dim)
+        return (y, out[2]) if return_logdet else y
 
     def inverse(
         self,
@@ -234,7 +248,9 @@ class ReversibleBlock(nn.Module):
         generator: Optional[torch.Generator] = None,
     ) -> torch.Tensor:
         """``x`` with ``self(x) == y`` (give ``generator`` in the state ``forward`` got it)."""
-        y1, y2 = self._split("revfunc.nn.ReversibleBlock.inverse", y)
+        where = "revfunc.nn.ReversibleBlock.inverse"
+        split_dim = self.__dict__.get("split_dim", -1)
+        y1, y2 = _split(where, y, split_dim)
         fns, params = self.pure()
         x1, x2 = apply_inverse(
             [fns],
@@ -243,9 +259,46 @@ class ReversibleBlock(nn.Module):
             y2,
             kwargs=[(f_args or {}, g_args or {})],
             generator=generator,
-            where="revfunc.nn.ReversibleBlock.inverse",
+            where=where,
+            coupling=_couplings([self]),
         )
-        return torch.cat([x1, x2], dim=-1)
+        return torch.cat([x1, x2], dim=split_dim)
+
+
+def _couplings(blocks) -> Optional[List[Tuple[Coupling, Coupling]]]:
+    """The ``coupling=`` of a walk over ``blocks``: their pairs (``None``: all additive)."""
+    pairs = [block.__dict__.get("coupling") for block in blocks]
+    if all(pair is None for pair in pairs):
+        return None
+    return [(additive(), additive()) if pair is None else pair for pair in pairs]
+
+
+def _check_split_dim(where: str, split_dim: Any, allow_none: bool = True) -> Optional[int]:
+    if split_dim is None and allow_none:
+        return None
+    if isinstance(split_dim, bool) or not isinstance(split_dim, int):
+        expected = "None (the classic container) or an int dim" if allow_none else "an int dim"
+        raise TypeError(_checks.msg(where, "split_dim", expected, _checks.describe(split_dim)))
+    return split_dim
+
+
+def _split(where: str, x: Any, split_dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The halves ``(x1, x2)`` of ``x`` along ``split_dim``, or an error naming the shape."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(_checks.msg(where, "x", "a torch.Tensor", _checks.describe(x)))
+    if x.dim() == 0 or not -x.dim() <= split_dim < x.dim():
+        raise ValueError(f"{where}: x needs a dim {split_dim} to split into (x1, x2); got x.shape={tuple(x.shape)}.")
+    if x.shape[split_dim] % 2:
+        what = "last dim" if split_dim == -1 else f"size along split_dim={split_dim}"
+        fix = " For (B, C, H, W) images split the channels: split_dim=1." if split_dim == -1 and x.dim() == 4 else ""
+        raise ValueError(f"{where}: x needs an even {what} to split into (x1, x2); got x.shape={tuple(x.shape)}.{fix}")
+    x1, x2 = x.chunk(2, dim=split_dim)
+    return x1, x2
+
+
+def _event_dim(x: torch.Tensor, split_dim: int) -> int:
+    """The log-det sums over ``split_dim`` and every dim after it."""
+    return x.dim() - split_dim % x.dim()
 
 
 def _check_layers(where: str, layers: Any) -> List[Tuple[nn.Module, nn.Module]]:
@@ -300,17 +353,27 @@ class ReversibleSequence(nn.Module):
         layer_dropout: probability of dropping each block in training (never all).
         context_fn: selective saving (see :func:`revfunc.reversible_sequence`), e.g.
             ``revfunc.selective.save_attention`` to keep each block's attention output.
+        coupling: how each branch output updates its half (:mod:`revfunc.couplings`):
+            one coupling, a pair ``(c_f, c_g)``, or one pair per block; ``None``: additive.
+        split_dim: ``None``, the classic container: the stack runs on ``(x, x)`` and
+            returns ``y1 + y2``. An int: ``x`` is split into halves along that dim
+            (RevLib's ``split_dim``; ``1`` for the channels of ``(B, C, H, W)``) and the
+            halves' concatenation is returned: then ``inverse`` and
+            ``forward(x, return_logdet=True)`` exist.
+        checkpoint_every: keep the exact stream every ``k`` blocks (bounds reconstruction
+            drift; see docs/numerics.md).
 
-    ``forward(x, generator=None, **kwargs)`` runs the stack on ``(x, x)`` (the classic
-    ``cat([x, x], -1)``) and returns ``y1 + y2``. ``generator`` drives layer dropout and
-    every random op in the blocks (replayed exactly in backward); ``None`` draws one seed
-    from the global RNG per call.
+    ``forward(x, generator=None, return_logdet=False, **kwargs)``: ``generator`` drives
+    layer dropout and every random op in the blocks (replayed exactly in backward);
+    ``None`` draws one seed from the global RNG per call. ``return_logdet`` (with
+    ``split_dim``) also returns the log-determinant, summed over ``split_dim`` and every
+    dim after it: one value per sample for ``(B, C, H, W)`` split on channels.
 
     Lazy modules (``nn.LazyLinear``, ...) are materialized by the first ``forward``, which
     runs the blocks once more in plain mode under no grad, as a plain model's first call
     would infer their shapes.
 
-    Shapes: (*, d) -> (*, d).
+    Shapes: (*, d) -> (*, d); with ``split_dim``: x -> same shape[, (B,)].
 
     Raises:
         ValueError: at construction, for a route whose length is not the depth or for
@@ -324,6 +387,10 @@ class ReversibleSequence(nn.Module):
         args_route: Optional[Mapping[str, Any]] = None,
         layer_dropout: float = 0.0,
         context_fn: Optional[Any] = None,
+        *,
+        coupling: CouplingSpec = None,
+        split_dim: Optional[int] = None,
+        checkpoint_every: Optional[int] = None,
     ):
         super().__init__()
         where = "revfunc.nn.ReversibleSequence"
@@ -333,20 +400,34 @@ class ReversibleSequence(nn.Module):
         self.args_route = dict(args_route or {})
         check_router(where, self.args_route, len(pairs))
         self.layer_dropout = _check_layer_dropout(where, layer_dropout)
-        blocks = [ReversibleBlock(f=f, g=g) for f, g in pairs]
+        self.split_dim = _check_split_dim(where, split_dim)
+        _checks.check_positive_int(where, "checkpoint_every", checkpoint_every)
+        self.checkpoint_every = checkpoint_every
+        couplings = per_block(where, coupling, len(pairs)) or [None] * len(pairs)
+        blocks = [
+            ReversibleBlock(f=f, g=g, coupling=c, split_dim=-1 if split_dim is None else split_dim)
+            for (f, g), c in zip(pairs, couplings)
+        ]
         self.blocks: Any = nn.ModuleList(blocks)  # of ReversibleBlock
         _reject_stateful(where, self.blocks, "blocks")
         for block in blocks:
             block.pure()  # settle the pure views after the registrations above
 
-    def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None, **kwargs: Any) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, generator: Optional[torch.Generator] = None, return_logdet: bool = False, **kwargs: Any
+    ):
+        where = "revfunc.nn.ReversibleSequence"
         if generator is None and torch.compiler.is_compiling():
             _reject_unseeded_dropout(_random_submodules(self))  # full names; traced once per graph
+        split_dim = self.__dict__.get("split_dim")  # absent on pickles before it
+        if return_logdet and split_dim is None:
+            raise ValueError(_needs_split_dim(where, "return_logdet=True"))
         routed = route_args(self.args_route, kwargs, len(self.blocks))
         if len(self.blocks) == 0:  # the classic container returns the two halves' sum
-            return x + x
+            return x + x if split_dim is None else x
+        x1, x2 = (x, x.view_as(x)) if split_dim is None else _split(where, x, split_dim)
         if any(block.__dict__.get("_lazy") for block in self.blocks):
-            _materialize("revfunc.nn.ReversibleSequence", self.blocks, x, x, routed)
+            _materialize(where, self.blocks, x1, x2, routed)
         keep = _kept_layers(self, len(self.blocks), generator)
         fns, params = zip(*(self.blocks[i].pure() for i in keep))  # also refreshes the candidates
         candidates = [c for i in keep for c in self.blocks[i].random_candidates()]
@@ -354,21 +435,67 @@ class ReversibleSequence(nn.Module):
         # is drawn and no RNG state is forked per branch; the forward instead checks that
         # no branch touched the global RNG (a custom random op raises, naming the block).
         deterministic = generator is None and not _active(candidates)
-        # Both halves start as x (the classic cat([x, x], -1)); a view keeps the two
-        # Function inputs distinct tensors, which Dynamo requires.
-        y1, y2 = apply_stack(
+        # Classic: both halves start as x (cat([x, x], -1)); a view keeps the two Function
+        # inputs distinct tensors, which Dynamo requires.
+        out = apply_stack(
             list(fns),
             list(params),
-            x,
-            x.view_as(x),
+            x1,
+            x2,
             kwargs=[routed[i] for i in keep],
             generator=generator,
             deterministic=deterministic,
-            context_fn=self.__dict__.get("context_fn"),  # absent on pickles before it
+            context_fn=self.__dict__.get("context_fn"),
             units=_units(self.blocks, keep, params),
-            where="revfunc.nn.ReversibleSequence",
+            where=where,
+            coupling=_couplings([self.blocks[i] for i in keep]),
+            checkpoint_every=self.__dict__.get("checkpoint_every"),
+            return_logdet=return_logdet,
+            event_dim=1 if split_dim is None else _event_dim(x, split_dim),
         )
-        return y1 + y2
+        if split_dim is None:
+            return out[0] + out[1]
+        y = torch.cat([out[0], out[1]], dim=split_dim)
+        return (y, out[2]) if return_logdet else y
+
+    def inverse(self, y: torch.Tensor, generator: Optional[torch.Generator] = None, **kwargs: Any) -> torch.Tensor:
+        """``x`` with ``self(x) == y``, for a container with ``split_dim`` (the classic one
+        returns ``y1 + y2``, which no inverse can split again). Give ``generator`` in the
+        state ``forward`` got it (layer dropout and random branches replay), or call it in
+        eval mode. Sampling a flow is this inverse run on noise.
+
+        Shapes: y -> x of the same shape.
+        """
+        where = "revfunc.nn.ReversibleSequence.inverse"
+        split_dim = self.__dict__.get("split_dim")
+        if split_dim is None:
+            raise ValueError(_needs_split_dim(where, "inverse"))
+        routed = route_args(self.args_route, kwargs, len(self.blocks))
+        if len(self.blocks) == 0:
+            return y
+        y1, y2 = _split(where, y, split_dim)
+        keep = _kept_layers(self, len(self.blocks), generator)
+        fns, params = zip(*(self.blocks[i].pure() for i in keep))
+        candidates = [c for i in keep for c in self.blocks[i].random_candidates()]
+        x1, x2 = apply_inverse(
+            list(fns),
+            list(params),
+            y1,
+            y2,
+            kwargs=[routed[i] for i in keep],
+            generator=generator,
+            where=where,
+            coupling=_couplings([self.blocks[i] for i in keep]),
+            deterministic=generator is None and not _active(candidates),
+        )
+        return torch.cat([x1, x2], dim=split_dim)
+
+
+def _needs_split_dim(where: str, what: str) -> str:
+    return (
+        f"{where}: {what} needs split_dim: the classic container (split_dim=None) runs on (x, x) and returns "
+        "y1 + y2, which is not invertible. Build it with split_dim=-1 (features) or split_dim=1 (channels)."
+    )
 
 
 def _units(blocks: nn.ModuleList, keep: List[int], params) -> Optional[Tuple[Optional[nn.Module], ...]]:
@@ -426,11 +553,21 @@ class SequentialSequence(nn.Module):
     seed (see :mod:`revfunc.random`); with ``None`` it uses the global RNG as is, like
     the classic class.
 
+    With ``coupling`` or ``split_dim`` it is the plain-autograd reference of
+    :class:`ReversibleSequence` built with the same arguments: the same two-stream
+    coupling (``forward(x, return_logdet=True)`` with ``split_dim``), storing everything.
+
     Shapes: (*, d) -> (*, d).
     """
 
     def __init__(
-        self, layers: Iterable[Any], args_route: Optional[Mapping[str, Any]] = None, layer_dropout: float = 0.0
+        self,
+        layers: Iterable[Any],
+        args_route: Optional[Mapping[str, Any]] = None,
+        layer_dropout: float = 0.0,
+        *,
+        coupling: CouplingSpec = None,
+        split_dim: Optional[int] = None,
     ):
         super().__init__()
         where = "revfunc.nn.SequentialSequence"
@@ -439,28 +576,49 @@ class SequentialSequence(nn.Module):
         check_router(where, self.args_route, len(pairs))
         self.layers: Any = layers if isinstance(layers, nn.Module) else nn.ModuleList(nn.ModuleList(p) for p in pairs)
         self.layer_dropout = _check_layer_dropout(where, layer_dropout)
+        self.split_dim = _check_split_dim(where, split_dim)
+        self.couplings = per_block(where, coupling, len(pairs))
+        self.coupled = coupling is not None or split_dim is not None  # the two-stream walk
 
-    def forward(self, x: torch.Tensor, generator: Optional[torch.Generator] = None, **kwargs: Any) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, generator: Optional[torch.Generator] = None, return_logdet: bool = False, **kwargs: Any
+    ):
+        where = "revfunc.nn.SequentialSequence"
+        coupled = self.__dict__.get("coupled", False)  # absent on pickles before it
+        split_dim = self.__dict__.get("split_dim")
+        if return_logdet and split_dim is None:
+            raise ValueError(_needs_split_dim(where, "return_logdet=True"))
         routed = route_args(self.args_route, kwargs, len(self.layers))
         if len(self.layers) == 0:
-            return x
-        where = "revfunc.nn.SequentialSequence"
+            return x + x if coupled and split_dim is None else x
         _checks.check_stream_pair(where, x, x, ("x", "x"))
         _checks.check_generator(where, generator, x.device)
         keep = _kept_layers(self, len(self.layers), generator)
         blocks = [(_LiveModule(self.layers[i][0]), _LiveModule(self.layers[i][1])) for i in keep]
-        # The one engine, as a plain residual walk: seeds only with a generator (the
-        # global RNG as is otherwise, like the classic class); no recomputation.
+        x1, x2 = (x, None) if not coupled else (x, x) if split_dim is None else _split(where, x, split_dim)
+        couplings = self.__dict__.get("couplings")
+        # The one engine, as a plain walk: seeds only with a generator (the global RNG as
+        # is otherwise, like the classic class); no recomputation. Without a coupling or a
+        # split, the classic single-stream residual walk.
         plan, tensors = make_plan(
             where,
             blocks,
             [({}, {})] * len(keep),
             [routed[i] for i in keep],
             generator,
-            x,
+            x1,
+            x2,
             replay=generator is not None,
             recomputes=False,
-            residual=True,
+            residual=not coupled,
+            coupling=None if couplings is None else [couplings[i] for i in keep],
+            logdet=return_logdet,
+            event_dim=1 if split_dim is None else _event_dim(x, split_dim),
         )
-        y, _, _, _ = _walk.forward(plan, x, None, tensors)
-        return y
+        y1, y2, _, logdet = _walk.forward(plan, x1, x2, tensors)
+        if not coupled:
+            return y1
+        if split_dim is None:
+            return y1 + y2
+        y = torch.cat([y1, y2], dim=split_dim)
+        return (y, logdet) if return_logdet else y

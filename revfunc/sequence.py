@@ -378,12 +378,32 @@ def reversible_inverse(
 
 
 def apply_inverse(
-    blocks, params, y1, y2, *, kwargs=None, generator=None, where="revfunc.reversible_inverse", coupling=None
+    blocks,
+    params,
+    y1,
+    y2,
+    *,
+    kwargs=None,
+    generator=None,
+    where="revfunc.reversible_inverse",
+    coupling=None,
+    deterministic=False,
 ):
-    """:func:`reversible_inverse`, with ``where`` as for :func:`apply_stack`."""
+    """:func:`reversible_inverse`, with ``where`` as for :func:`apply_stack` and
+    ``deterministic`` as there (no seed drawn without a generator)."""
     validate(where, blocks, params, y1, y2, kwargs, generator, names=("y1", "y2"))
     plan, tensors = make_plan(
-        where, blocks, params, kwargs, generator, y1, y2, replay=True, recomputes=False, coupling=coupling
+        where,
+        blocks,
+        params,
+        kwargs,
+        generator,
+        y1,
+        y2,
+        replay=True,
+        recomputes=False,
+        coupling=coupling,
+        deterministic=deterministic,
     )
 
     def run(watch):
