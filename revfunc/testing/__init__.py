@@ -9,9 +9,16 @@ and the tolerance; default tolerances per dtype are in :data:`DEFAULT_TOLERANCES
 """
 
 from revfunc._tolerances import DEFAULT_TOLERANCES, default_tolerances
-from revfunc.testing._asserts import assert_gradients_match, assert_invertible
+from revfunc.testing._asserts import assert_gradients_match, assert_invertible, assert_logdet_matches
 
-__all__ = ["assert_invertible", "assert_gradients_match", "DEFAULT_TOLERANCES", "default_tolerances", "strategies"]
+__all__ = [
+    "assert_invertible",
+    "assert_gradients_match",
+    "assert_logdet_matches",
+    "DEFAULT_TOLERANCES",
+    "default_tolerances",
+    "strategies",
+]
 
 
 def __getattr__(name):

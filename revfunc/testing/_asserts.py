@@ -6,7 +6,7 @@ tolerance; neither returns a bool.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -14,9 +14,10 @@ from revfunc import _branch, _walk
 from revfunc._plan import make_plan, validate
 from revfunc._tolerances import default_tolerances
 from revfunc._types import BlockKwargs, BlockParams, Blocks
+from revfunc.couplings import CouplingSpec
 from revfunc.sequence import reversible_sequence, run_sequential, sequential_sequence
 
-__all__ = ["assert_invertible", "assert_gradients_match"]
+__all__ = ["assert_invertible", "assert_gradients_match", "assert_logdet_matches"]
 
 
 def _tolerances(dtype: torch.dtype, rtol: Optional[float], atol: Optional[float]) -> Tuple[float, float]:
@@ -59,6 +60,7 @@ def assert_invertible(
     generator: Optional[torch.Generator] = None,
     rtol: Optional[float] = None,
     atol: Optional[float] = None,
+    coupling: CouplingSpec = None,
 ) -> None:
     """Assert that every block's input is rebuilt from its output, as backward does it.
 
@@ -69,12 +71,13 @@ def assert_invertible(
     result depends on hidden state, e.g. a call counter, fails here or in the rebuild).
 
     Args:
-        blocks, params, x1, x2, kwargs, generator: as for :func:`revfunc.reversible_sequence`.
+        blocks, params, x1, x2, kwargs, generator, coupling: as for
+            :func:`revfunc.reversible_sequence`.
         rtol, atol: tolerances; default per dtype (:data:`revfunc.testing.DEFAULT_TOLERANCES`).
 
     Raises:
-        AssertionError: naming the block, the tensor (x1/x2/y1/y2), the max abs and
-            relative error and the tolerance.
+        AssertionError: naming the block, the tensor (x1/x2/y1/y2), the block's coupling
+            when it is not additive, the max abs and relative error and the tolerance.
 
     Shapes: (*, d), (*, d).
     Pure: as :func:`revfunc.reversible_sequence`; records no gradients.
@@ -83,7 +86,7 @@ def assert_invertible(
     validate(where, blocks, params, x1, x2, kwargs, generator)
     rtol, atol = _tolerances(x1.dtype, rtol, atol)
     restore = _rng_restorer(generator)
-    plan, tensors = make_plan(where, blocks, params, kwargs, generator, x1, x2, replay=True)
+    plan, tensors = make_plan(where, blocks, params, kwargs, generator, x1, x2, replay=True, coupling=coupling)
     for i, (r1, r2), (t1, t2) in _walk.rebuilt_inputs(plan, x1, x2, tensors):
         for name, rebuilt_t, true_t in (("x2", r2, t2), ("x1", r1, t1)):  # the order the inverse rebuilds
             if not torch.isfinite(true_t).all():
@@ -94,14 +97,15 @@ def assert_invertible(
             problem = _mismatch(rebuilt_t, true_t, rtol, atol)
             if problem:
                 raise AssertionError(
-                    f"{where}: block {i}'s input {name} rebuilt from its output differs from the forward's: {problem}."
+                    f"{where}: block {i}'s input {name} rebuilt from its output{_coupled(plan, i)} differs from the "
+                    f"forward's: {problem}."
                 )
     # The memory-saving path must agree with the plain forward for the same seeds.
     with torch.no_grad():
         restore()
-        plain = sequential_sequence(blocks, params, x1, x2, kwargs=kwargs, generator=generator)
+        plain = sequential_sequence(blocks, params, x1, x2, kwargs=kwargs, generator=generator, coupling=coupling)
         restore()
-        fast = reversible_sequence(blocks, params, x1, x2, kwargs=kwargs, generator=generator)
+        fast = reversible_sequence(blocks, params, x1, x2, kwargs=kwargs, generator=generator, coupling=coupling)
     for name, a, e in (("y1", fast[0], plain[0]), ("y2", fast[1], plain[1])):
         if not torch.isfinite(e).all():
             raise AssertionError(f"{where}: the stack's output {name} is not finite.")
@@ -111,6 +115,16 @@ def assert_invertible(
                 f"{where}: output {name} of revfunc.reversible_sequence differs from a second "
                 f"plain forward with the same seeds (is a block impure?): {problem}."
             )
+
+
+def _coupled(plan, i: int, branch: Optional[int] = None) -> str:
+    """`` (coupling affine(...))``: block ``i``'s non-additive coupling(s), for a message."""
+    if plan.couplings is None:
+        return ""
+    pair = plan.couplings[i]
+    if branch is not None:
+        return "" if pair[branch].is_additive else f" (coupling {pair[branch]!r})"
+    return "" if all(c.is_additive for c in pair) else f" (couplings {pair[0]!r}, {pair[1]!r})"
 
 
 def _named_leaves(params: BlockParams, kwargs: Optional[BlockKwargs]) -> Tuple[List[str], List[torch.Tensor]]:
@@ -152,6 +166,7 @@ def assert_gradients_match(
     rtol: Optional[float] = None,
     atol: Optional[float] = None,
     directions: int = 2,
+    coupling: CouplingSpec = None,
 ) -> None:
     """Assert that reversible gradients are right, against two independent references.
 
@@ -172,6 +187,9 @@ def assert_gradients_match(
         blocks, params, x1, x2, kwargs, generator: as for :func:`revfunc.reversible_sequence`.
         rtol, atol: tolerances of check 1; default per dtype.
         directions: number of random directions in check 2.
+        coupling: as for :func:`revfunc.reversible_sequence`. With one that has a
+            log-det, the projected loss also takes ``<logdet, r3>``, so the log-det's
+            gradients are checked as well.
 
     Raises:
         AssertionError: naming the block, the branch and the tensor, the max abs and
@@ -188,16 +206,22 @@ def assert_gradients_match(
     probe = torch.Generator().manual_seed(1234)
     r1 = torch.randn(x1.shape, generator=probe, dtype=torch.float64).to(x1.device)
     r2 = torch.randn(x2.shape, generator=probe, dtype=torch.float64).to(x2.device)
+    r3 = torch.randn(x1.shape[:-1], generator=probe, dtype=torch.float64).to(x1.device)
     restore = _rng_restorer(generator)
+    logdet = make_plan(where, blocks, params, kwargs, None, x1, x2, replay=False, coupling=coupling)[0].couplings
+    with_logdet = logdet is not None and any(c.logdet is not None for pair in logdet for c in pair)
+
+    def projected(y1, y2, ld=None):
+        out = (y1.double() * r1).sum() + (y2.double() * r2).sum()
+        return out if ld is None else out + (ld.double() * r3).sum()
 
     def grads(fn, base, p, k):
-        """Gradients of ``<y1, r1> + <y2, r2>`` w.r.t. ``base`` = [x1, x2, *leaves]."""
+        """Gradients of ``<y1, r1> + <y2, r2> [+ <logdet, r3>]`` w.r.t. ``base`` = [x1, x2, *leaves]."""
         xs = [t.detach().requires_grad_() for t in base]
         p, k = _replace(p, k, base[2:], xs[2:])
         restore()
-        y1, y2 = fn(blocks, p, xs[0], xs[1], kwargs=k, generator=generator)
-        out = (y1.double() * r1).sum() + (y2.double() * r2).sum()
-        return torch.autograd.grad(out, xs, allow_unused=True, materialize_grads=True)
+        out = fn(blocks, p, xs[0], xs[1], kwargs=k, generator=generator, coupling=coupling, return_logdet=with_logdet)
+        return torch.autograd.grad(projected(*out), xs, allow_unused=True, materialize_grads=True)
 
     base = [x1, x2, *leaves]
     got = grads(reversible_sequence, base, params, kwargs)
@@ -214,7 +238,9 @@ def assert_gradients_match(
     base64 = [t.detach().double() for t in base]
     p64, k64 = _replace(params, kwargs, leaves, base64[2:])
     restore()
-    _check_blocks_by_finite_differences(where, blocks, p64, base64[0], base64[1], k64, generator, probe, restore)
+    _check_blocks_by_finite_differences(
+        where, blocks, p64, base64[0], base64[1], k64, generator, probe, restore, coupling=coupling
+    )
     grads64 = grads(reversible_sequence, base64, p64, k64)
     eps = 1e-6
     for d in range(directions):
@@ -226,8 +252,18 @@ def assert_gradients_match(
             p, k = _replace(p64, k64, base64[2:], moved[2:])
             restore()
             with torch.no_grad():  # the seeds a gradient-taking call draws
-                y1, y2 = run_sequential(blocks, p, moved[0], moved[1], k, generator, replay=True)
-            return ((y1 * r1).sum() + (y2 * r2).sum()).item()
+                out = run_sequential(
+                    blocks,
+                    p,
+                    moved[0],
+                    moved[1],
+                    k,
+                    generator,
+                    replay=True,
+                    coupling=coupling,
+                    return_logdet=with_logdet,
+                )
+            return projected(*out).item()
 
         measured = (shifted(1.0) - shifted(-1.0)) / (2 * eps)
         err = abs(predicted - measured)
@@ -242,10 +278,21 @@ def assert_gradients_match(
 
 
 def _check_blocks_by_finite_differences(
-    where, blocks, params, x1, x2, kwargs, generator, probe, restore, eps: float = 1e-6, tol: float = 1e-5
+    where,
+    blocks,
+    params,
+    x1,
+    x2,
+    kwargs,
+    generator,
+    probe,
+    restore,
+    eps: float = 1e-6,
+    tol: float = 1e-5,
+    coupling=None,
 ) -> None:
     """Each branch's own vjp against float64 central differences at its recorded input."""
-    plan, tensors = make_plan(where, blocks, params, kwargs, generator, x1, x2, replay=True)
+    plan, tensors = make_plan(where, blocks, params, kwargs, generator, x1, x2, replay=True, coupling=coupling)
     restore()
     inputs: list = []
     with torch.no_grad():
@@ -259,11 +306,16 @@ def _check_blocks_by_finite_differences(
             x = block_inputs[branch]
             # each floating slot once (a tensor tied under two names is one input)
             diff = list({j: (n, j) for n, j in plan.binds[i][branch].params if tensors[j].is_floating_point()}.values())
-            r = torch.randn(x.shape, generator=probe, dtype=torch.float64).to(x.device)  # outputs are shaped like x
+            with torch.no_grad():  # the output's parts and shapes (a pair for affine)
+                shapes = [p.shape for p in _branch._parts(_branch.call(plan, i, branch, x, tensors))]
+            r = [torch.randn(shape, generator=probe, dtype=torch.float64).to(x.device) for shape in shapes]
 
-            def value(x_in, moved, i=i, branch=branch, r=r):  # this branch's call and projection
+            def project(out, r=r):
+                return sum((part.double() * w).sum() for part, w in zip(_branch._parts(out), r))
+
+            def value(x_in, moved, i=i, branch=branch):  # this branch's call and projection
                 with torch.no_grad():
-                    return (_branch.call(plan, i, branch, x_in, moved).double() * r).sum().item()
+                    return float(project(_branch.call(plan, i, branch, x_in, moved)))
 
             def with_slots(new, diff=diff):
                 moved = list(tensors)
@@ -275,7 +327,7 @@ def _check_blocks_by_finite_differences(
                 xs = x.detach().requires_grad_()
                 ps = [tensors[j].detach().requires_grad_() for _, j in diff]
                 out = _branch.call(plan, i, branch, xs, with_slots(ps))
-                g = torch.autograd.grad((out.double() * r).sum(), [xs, *ps], allow_unused=True, materialize_grads=True)
+                g = torch.autograd.grad(project(out), [xs, *ps], allow_unused=True, materialize_grads=True)
             v = [torch.randn(t.shape, generator=probe, dtype=torch.float64).to(t.device) for t in (xs, *ps)]
             predicted = float(sum((a * u).sum() for a, u in zip(g, v)))
             plus = value(x + eps * v[0], with_slots([tensors[j] + eps * u for (_, j), u in zip(diff, v[1:])]))
@@ -286,8 +338,97 @@ def _check_blocks_by_finite_differences(
                 names = ["x", *(n for n, _ in diff)]
                 worst = max(zip(names, g, v), key=lambda item: abs((item[1] * item[2]).sum().item()))[0]
                 raise AssertionError(
-                    f"{where}: block {i} branch {name}: its gradient w.r.t. (input x, params) along a random "
+                    f"{where}: block {i} branch {name}{_coupled(plan, i, branch)}: its gradient w.r.t. (input x, "
+                    "params) along a random "
                     f"direction ({predicted:.10g}) differs from float64 finite differences ({measured:.10g}): abs "
                     f"error {err:.3g}, rel error {err / max(abs(measured), 1e-300):.3g} > tolerance {tol:.0e}; "
                     f"largest term from tensor {worst!r} (a wrong custom backward in this branch?)."
                 )
+
+
+def assert_logdet_matches(
+    blocks: Blocks,
+    params: BlockParams,
+    x1: torch.Tensor,
+    x2: torch.Tensor,
+    *,
+    coupling: CouplingSpec,
+    event_dim: int = 1,
+    kwargs: Optional[BlockKwargs] = None,
+    generator: Optional[torch.Generator] = None,
+    rtol: float = 1e-8,
+    atol: float = 1e-8,
+) -> None:
+    """Assert that the log-det :func:`revfunc.reversible_sequence` returns is
+    ``log|det J|`` of the whole stack, ``J`` by ``torch.func.jacrev`` in float64.
+
+    ``J`` is the Jacobian of ``(x1, x2) -> (y1, y2)`` over every element. Where the blocks
+    treat the samples (the leading ``x1.shape[:-event_dim]`` dims) independently (``J``
+    block diagonal over them), each sample's log-det is compared with its own block's
+    ``slogdet``; otherwise their sum with the whole ``slogdet``. Sizes: ``J`` has
+    ``(2 x1.numel())**2`` entries, so keep the inputs small.
+
+    Raises:
+        AssertionError: naming the sample, both values, the error and the tolerance.
+
+    Shapes: (*, d), (*, d).
+    Pure: as :func:`revfunc.reversible_sequence`; records no gradients of its own.
+    """
+    where = "revfunc.testing.assert_logdet_matches"
+    validate(where, blocks, params, x1, x2, kwargs, generator)
+    from revfunc._checks import check_logdet_args
+
+    check_logdet_args(where, True, event_dim, x1)
+    restore = _rng_restorer(generator)
+
+    def wide(d):
+        return {
+            k: v.detach().double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in d.items()
+        }
+
+    p64: Any = [(wide(fp), wide(gp)) for fp, gp in params]
+    k64: Any = None if kwargs is None else [(wide(fk), wide(gk)) for fk, gk in kwargs]
+    a, b = x1.detach().double(), x2.detach().double()
+    with torch.no_grad():
+        restore()
+        _, _, logdet = reversible_sequence(
+            blocks,
+            p64,
+            a,
+            b,
+            kwargs=k64,
+            generator=generator,
+            coupling=coupling,
+            return_logdet=True,
+            event_dim=event_dim,
+        )
+    lead = x1.shape[: x1.dim() - event_dim]
+    samples, n = max(1, int(torch.Size(lead).numel())), x1[(0,) * len(lead)].numel() if lead else x1.numel()
+
+    def stack(z):
+        z1, z2 = z.reshape(samples, 2, n).unbind(1)
+        restore()
+        y1, y2 = sequential_sequence(
+            blocks, p64, z1.reshape(a.shape), z2.reshape(b.shape), kwargs=k64, generator=generator, coupling=coupling
+        )
+        return torch.stack([y1.reshape(samples, n), y2.reshape(samples, n)], 1).reshape(-1)
+
+    z = torch.stack([a.reshape(samples, n), b.reshape(samples, n)], 1).reshape(-1)
+    jac = torch.func.jacrev(stack)(z).reshape(samples, 2 * n, samples, 2 * n)
+    logdet = logdet.reshape(samples)
+    off = jac.clone()
+    for s in range(samples):
+        off[s, :, s, :] = 0
+    if bool((off.abs() <= 1e-12 * jac.abs().max().clamp_min(1.0)).all()):
+        pairs = [(f"sample {s}", logdet[s], torch.linalg.slogdet(jac[s, :, s, :])[1]) for s in range(samples)]
+    else:
+        pairs = [("all samples (summed)", logdet.sum(), torch.linalg.slogdet(jac.reshape(samples * 2 * n, -1))[1])]
+    for name, got, want in pairs:
+        err = abs(float(got) - float(want))
+        if not err <= atol + rtol * abs(float(want)):
+            raise AssertionError(
+                f"{where}: the log-det of {name} returned by revfunc.reversible_sequence ({float(got):.12g}) "
+                f"differs from log|det J| by torch.func.jacrev ({float(want):.12g}): abs error {err:.3g} > "
+                f"tolerance rtol={rtol:.3g}, atol={atol:.3g} (coupling {coupling!r}: is its logdet the "
+                "elementwise log|dy/dx|?)."
+            )

@@ -45,6 +45,7 @@ __all__ = [
     "mlp_blocks",
     "attention_blocks",
     "routed_kwargs",
+    "couplings",
     "stacks",
     "torch_settings",
 ]
@@ -58,6 +59,8 @@ class Stack(NamedTuple):
     x1: torch.Tensor
     x2: torch.Tensor
     kwargs: Optional[list]
+    #: the ``coupling=`` argument (``None``: additive)
+    coupling: Optional[list] = None
 
 
 #: Settings for property tests of torch code (apply as a decorator above ``@given``): no
@@ -98,11 +101,17 @@ def _mlp_branch(params, x, scale=None):
 
 @st.composite
 def mlp_blocks(
-    draw: Callable, depth: int, dim: int, dtype: torch.dtype = torch.float64, hidden: Optional[int] = None
+    draw: Callable,
+    depth: int,
+    dim: int,
+    dtype: torch.dtype = torch.float64,
+    hidden: Optional[int] = None,
+    out_mult: int = 1,
 ) -> Tuple[list, list]:
     """``(blocks, params)``: ``depth`` pairs of pure tanh-MLP branches with random weights.
 
     Weights are scaled by ``1/sqrt(fan_in)`` so deep stacks stay well conditioned.
+    ``out_mult=2``: each branch outputs twice the width (``affine``'s ``(s_raw, t)``).
     """
     hidden = hidden or draw(st.integers(1, 8))
     seed = draw(st.integers(0, 2**31 - 1))
@@ -112,7 +121,9 @@ def mlp_blocks(
         return {
             "w1": (torch.randn(dim, hidden, generator=gen, dtype=torch.float64) / dim**0.5).to(dtype),
             "b1": (torch.randn(hidden, generator=gen, dtype=torch.float64) * 0.1).to(dtype),
-            "w2": (torch.randn(hidden, dim, generator=gen, dtype=torch.float64) / hidden**0.5 * 0.5).to(dtype),
+            "w2": (torch.randn(hidden, out_mult * dim, generator=gen, dtype=torch.float64) / hidden**0.5 * 0.5).to(
+                dtype
+            ),
         }
 
     blocks = [(_mlp_branch, _mlp_branch)] * depth
@@ -144,6 +155,21 @@ def routed_kwargs(
     return revfunc.route_args({"scale": route}, {"scale": scale}, depth)
 
 
+def couplings(kinds: Sequence[str] = ("additive", "scaled", "momentum", "affine")) -> st.SearchStrategy:
+    """A :class:`revfunc.couplings.Coupling` of one of ``kinds``, with a well-conditioned
+    factor (``scaled``: 0.5 to 2; ``momentum``: 0.5 to 1; ``affine``: clamp 1 to 3)."""
+    from revfunc import couplings as c
+
+    factor = st.integers(0, 8)  # small ints: shrink well
+    made = {
+        "additive": st.just(c.additive()),
+        "scaled": factor.map(lambda k: c.scaled(0.5 + 1.5 * k / 8)),
+        "momentum": factor.map(lambda k: c.momentum(0.5 + 0.5 * k / 8)),
+        "affine": factor.map(lambda k: c.affine(clamp=1.0 + 2.0 * k / 8)),
+    }
+    return st.one_of(*(made[k] for k in kinds))
+
+
 @st.composite
 def stacks(
     draw: Callable,
@@ -151,6 +177,7 @@ def stacks(
     max_dim: int = 6,
     dtypes: Sequence[torch.dtype] = (torch.float32, torch.float64),
     kind: Optional[str] = None,
+    coupled: bool = False,
 ) -> Stack:
     """A whole example: blocks (MLP with routed kwargs, or attention), params and inputs.
 
@@ -159,9 +186,13 @@ def stacks(
         max_dim: largest half-width drawn (attention stacks: 4 to 8, at least 4).
         dtypes: floating dtypes to draw from.
         kind: ``"mlp"``, ``"attention"`` or ``None`` (either).
+        coupled: also draw one coupling pair per block (:func:`couplings`; MLP blocks,
+            twice the width where a block is ``affine``), in ``Stack.coupling``.
     """
     dtype = draw(float_dtypes(dtypes))
     depth = draw(depths(1, max_depth))
+    if coupled:
+        return draw(_coupled_stack(depth, max_dim, dtype))
     kind = kind or draw(st.sampled_from(["mlp", "attention"]))
     if kind == "attention":
         # Not 2: LayerNorm over two features maps to +-1 and its Jacobian blows up where
@@ -179,3 +210,23 @@ def stacks(
     x1 = draw(tensors((*batch, dim), dtype))
     x2 = draw(tensors((*batch, dim), dtype))
     return Stack(blocks, params, x1, x2, kwargs)
+
+
+@st.composite
+def _coupled_stack(draw: Callable, depth: int, max_dim: int, dtype: torch.dtype) -> Stack:
+    """MLP blocks with one drawn coupling pair per block (see :func:`stacks`)."""
+    dim = draw(st.integers(1, max_dim))
+    batch = draw(shapes())
+    pairs = [(draw(couplings()), draw(couplings())) for _ in range(depth)]
+    blocks, params = [], []
+    for pair in pairs:  # each branch sized for its coupling
+        fg, pp = [], []
+        for c in pair:
+            b, p = draw(mlp_blocks(1, dim, dtype, out_mult=2 if c.output == "pair" else 1))
+            fg.append(b[0][0])
+            pp.append(p[0][0])
+        blocks.append(tuple(fg))
+        params.append(tuple(pp))
+    x1 = draw(tensors((*batch, dim), dtype))
+    x2 = draw(tensors((*batch, dim), dtype))
+    return Stack(blocks, params, x1, x2, None, pairs)
