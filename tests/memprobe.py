@@ -33,12 +33,14 @@ from revfunc.testing.blocks import mlp_layers, transformer_layers
 
 FUNC_PATHS = ("func_grad", "grad_and_value", "vjp", "vmap_grad")
 TRAINING_PATHS = ("accumulate", "optimizer_in_backward")  # the wide, short case
+AFFINE_PATHS = ("backward_affine", "func_grad_affine")  # affine couplings, the log-det in the loss
 PATHS = (
     "backward",
     "backward_save_on_cpu",
     "autograd_grad",
     *FUNC_PATHS,
     *(p + "_live" for p in FUNC_PATHS),
+    *AFFINE_PATHS,
     "compile_step",
     "compile_model_backward",
     "compile_func_grad",
@@ -80,6 +82,42 @@ def _training_step(path: str, method: str, depth: int):
     return (lambda: model(x).pow(2).mean().backward()), preallocate
 
 
+def _affine_step(path: str, method: str, depth: int):
+    """A flow-style stack: affine couplings of MLP subnets on ``(BATCH, TOKENS, 2 DIM)``
+    split on the last dim, with the log-det in the loss (``.backward()`` on the nn
+    adapter with gradients pre-allocated, or ``torch.func.grad`` of detached parameters)."""
+    from revfunc.couplings import affine
+    from revfunc.testing.blocks import subnet_layers
+
+    layers = subnet_layers(depth, DIM, hidden=4 * DIM)
+    x = torch.randn(BATCH, TOKENS, 2 * DIM, generator=torch.Generator().manual_seed(1))
+    if path == "backward_affine":
+        model = (rnn.ReversibleSequence if method == "revfunc" else rnn.SequentialSequence)(
+            layers, coupling=affine(), split_dim=-1
+        )
+        live = list(layers.parameters())
+
+        def step():
+            y, logdet = model(x, return_logdet=True)
+            (y.pow(2).mean() - logdet.mean()).backward()
+
+        def preallocate():
+            for p in live:
+                p.grad = torch.zeros_like(p)
+
+        return step, preallocate
+    seq = revfunc.reversible_sequence if method == "revfunc" else revfunc.sequential_sequence
+    blocks, live_params = revfunc.pure_blocks(layers)
+    params = [tuple({k: v.detach() for k, v in p.items()} for p in pair) for pair in live_params]
+    x1, x2 = x.chunk(2, -1)
+
+    def loss(p):
+        y1, y2, logdet = seq(blocks, p, x1, x2, coupling=affine(), return_logdet=True)
+        return (y1 + y2).pow(2).mean() - logdet.mean()
+
+    return (lambda: torch.func.grad(loss)(params)), None
+
+
 def _head(y1, y2):
     return (y1 + y2).pow(2).mean()
 
@@ -90,6 +128,8 @@ def make_step(path: str, method: str, depth: int):
     torch.manual_seed(0)
     if path in TRAINING_PATHS:
         return _training_step(path, method, depth)
+    if path in AFFINE_PATHS:
+        return _affine_step(path, method, depth)
     # Compiled paths use MLP blocks: compile time grows with the graph, not the tensors.
     compiled = path.startswith("compile") and os.environ.get("MEMPROBE_BLOCKS") != "transformer"
     layers = mlp_layers(depth, DIM, hidden=4 * DIM) if compiled else transformer_layers(depth, DIM, heads=HEADS)

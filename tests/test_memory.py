@@ -19,7 +19,15 @@ import pytest
 
 PROBE = pathlib.Path(__file__).with_name("memprobe.py")
 FUNC_PATHS = ("func_grad", "grad_and_value", "vjp", "vmap_grad")
-EAGER_PATHS = ("backward", "backward_save_on_cpu", "autograd_grad", *FUNC_PATHS, *(p + "_live" for p in FUNC_PATHS))
+AFFINE_PATHS = ("backward_affine", "func_grad_affine")  # affine couplings, the log-det in the loss
+EAGER_PATHS = (
+    "backward",
+    "backward_save_on_cpu",
+    "autograd_grad",
+    *FUNC_PATHS,
+    *(p + "_live" for p in FUNC_PATHS),
+    *AFFINE_PATHS,
+)
 COMPILED_PATHS = ("compile_step", "compile_model_backward")
 # Depths per path and method: plain autograd at two depths shows that the measurement
 # sees depth; revfunc, whose steps are cheap at any depth, over a longer range, so that a

@@ -96,3 +96,21 @@ def mlp_layers(depth: int, dim: int, hidden: int = 16, dropout: float = 0.0) -> 
         return nn.Sequential(nn.Linear(dim, hidden), nn.Tanh(), nn.Dropout(dropout), nn.Linear(hidden, dim))
 
     return nn.ModuleList(nn.ModuleList([mlp(), mlp()]) for _ in range(depth))
+
+
+def subnet_layers(depth: int, dim: int, hidden: int = 64, out_mult: int = 2) -> nn.ModuleList:
+    """``depth`` pairs of flow subnets ``Linear -> ReLU -> Linear -> ReLU -> Linear`` from
+    ``dim`` to ``out_mult * dim`` features (``affine``'s ``(s_raw, t)``, FrEIA's subnet
+    convention); the last layer starts at a tenth of its default scale, so a deep flow
+    starts near the identity. Shapes: (*, dim) -> (*, out_mult * dim)."""
+
+    def subnet() -> nn.Module:
+        net = nn.Sequential(
+            nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, out_mult * dim)
+        )
+        with torch.no_grad():
+            net[-1].weight.mul_(0.1)
+            net[-1].bias.mul_(0.1)
+        return net
+
+    return nn.ModuleList(nn.ModuleList([subnet(), subnet()]) for _ in range(depth))
