@@ -21,6 +21,31 @@ COMPILED_STEPS = ("plain/func.grad+compile", "revfunc/vjp+compile")
 FLOORS = ("floor/f", "floor/g")  # one branch's recomputation and vjp alone (memory only)
 
 
+def coupling_of(args):
+    """``--coupling NAME[:FACTOR]`` as a :class:`revfunc.couplings.Coupling` (``None`` for
+    additive): ``scaled:0.5``, ``momentum:0.9``, ``affine`` (clamp 2) or ``affine:3``."""
+    spec = getattr(args, "coupling", None) or "additive"
+    name, _, factor = spec.partition(":")
+    from revfunc import couplings
+
+    if name == "additive":
+        return None
+    if name not in ("scaled", "momentum", "affine"):
+        raise SystemExit(
+            f"revfunc.bench: --coupling expected additive, scaled:A, momentum:G or affine[:CLAMP], got {spec!r}"
+        )
+    if name == "affine":
+        return couplings.affine(clamp=float(factor) if factor else 2.0)
+    return getattr(couplings, name)(float(factor) if factor else {"scaled": 0.5, "momentum": 0.9}[name])
+
+
+def is_flow(args) -> bool:
+    """An ``affine`` run: MLP subnets with twice the half's width out, ``x`` of ``2 d``
+    features split on the last dim, the log-det in the loss (revfunc.testing.blocks.subnet_layers)."""
+    c = coupling_of(args)
+    return c is not None and c.output == "pair"
+
+
 def autocast(args):
     import torch
 
@@ -99,16 +124,21 @@ def build(args, method: str, depth: int, seq: Optional[int] = None) -> Case:
     """The :class:`Case` of ``method`` at ``depth`` on ``x`` of shape (batch, seq, dim)."""
     import torch
 
-    from revfunc.testing.blocks import transformer_layers
+    from revfunc.testing.blocks import subnet_layers, transformer_layers
 
     dtype = getattr(torch, args.dtype)
     torch.manual_seed(0)
-    layers = transformer_layers(depth, args.dim, heads=args.heads, causal=args.causal)
+    flow = is_flow(args)
+    if flow:
+        layers = subnet_layers(depth, args.dim, hidden=4 * args.dim)
+    else:
+        layers = transformer_layers(depth, args.dim, heads=args.heads, causal=args.causal)
     layers = layers.to(device=args.device, dtype=dtype)
-    x = torch.randn(args.batch, seq or args.seq, args.dim, device=args.device, dtype=dtype, requires_grad=True)
+    width = 2 * args.dim if flow else args.dim
+    x = torch.randn(args.batch, seq or args.seq, width, device=args.device, dtype=dtype, requires_grad=True)
     params = list(layers.parameters())
     if method.startswith("floor/"):
-        return _floor_case(args, method, layers, x.detach())
+        return _floor_case(args, method, layers, x.detach()[..., : args.dim])
     if "/" in method:
         return Case(_functional_step(args, method, layers, x.detach()), params)
     base, variant = method.partition("+")[::2]
@@ -118,7 +148,10 @@ def build(args, method: str, depth: int, seq: Optional[int] = None) -> Case:
     def run():
         with autocast(args):
             y = forward(x)
-        y.float().pow(2).mean().backward()
+        if flow:  # (y, logdet): a flow's loss has the log-det in it
+            (y[0].float().pow(2).mean() - y[1].float().mean()).backward()
+        else:
+            y.float().pow(2).mean().backward()
 
     return Case(run, params, None if variant == "compile" else model, x)
 
@@ -131,7 +164,8 @@ def _floor_case(args, method: str, layers, x) -> Case:
 
     branch = layers[0][0 if method == "floor/f" else 1]
     params = list(branch.parameters())
-    cotangent = torch.randn_like(x)
+    with torch.no_grad():
+        cotangent = torch.randn_like(branch(x))  # shaped like the branch output (twice x's width for affine)
 
     def run():
         with autocast(args):
@@ -185,22 +219,37 @@ def load_classic(path: str):
 
 def _module(args, method: str, layers, saving: bool = False):
     """The module of a module method; ``saving``: keep the attention kernels' outputs."""
+    import torch
     from torch import nn
     from torch.utils.checkpoint import checkpoint
 
     from revfunc.selective import save_attention
 
     context_fn = save_attention if saving else None
+    c, flow = coupling_of(args), is_flow(args)
     if method == "revfunc":
         from revfunc.nn import ReversibleSequence
 
-        return ReversibleSequence(layers, context_fn=context_fn)
+        model = ReversibleSequence(layers, context_fn=context_fn, coupling=c, split_dim=-1 if flow else None)
+        if not flow:
+            return model
+
+        class Flow(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = model
+
+            def forward(self, x):
+                return self.model(x, return_logdet=True)
+
+        return Flow()
     if method == "classic":
         return load_classic(args.classic).ReversibleSequence(layers)
+    update = (lambda x, h: x + h) if c is None else c.forward
 
     def couple(x1, x2, f, g):
-        y1 = x1 + f(x2)
-        return y1, x2 + g(y1)
+        y1 = update(x1, f(x2))
+        return y1, update(x2, g(y1))
 
     class Coupled(nn.Module):
         def __init__(self):
@@ -208,14 +257,22 @@ def _module(args, method: str, layers, saving: bool = False):
             self.layers = layers
 
         def forward(self, x):
-            x1, x2 = x, x
+            x1, x2 = x.chunk(2, -1) if flow else (x, x)
+            logdet = 0.0
             for f, g in self.layers:
-                if method == "checkpoint" and saving:
+                if flow:  # the same math written as one plain pass, log-det and all
+                    h = f(x2)
+                    s_f = c.logdet(x1, h).sum(-1)
+                    x1 = c.forward(x1, h)
+                    h = g(x1)
+                    logdet = logdet + s_f + c.logdet(x2, h).sum(-1)
+                    x2 = c.forward(x2, h)
+                elif method == "checkpoint" and saving:
                     x1, x2 = checkpoint(couple, x1, x2, f, g, use_reentrant=False, context_fn=context_fn)
                 elif method == "checkpoint":
                     x1, x2 = checkpoint(couple, x1, x2, f, g, use_reentrant=False)
                 else:
                     x1, x2 = couple(x1, x2, f, g)
-            return x1 + x2
+            return (torch.cat([x1, x2], -1), logdet) if flow else x1 + x2
 
     return Coupled()

@@ -10,6 +10,9 @@ Presets (``--preset``; explicit flags override them):
   backward) show who holds a second copy of the gradients.
 - ``short``: d=128, 4 x 64 tokens, depths 4 to 32, with the functional methods: a quick
   run where parameters and one block's internals dominate.
+- ``affine``: a flow's stack: affine couplings (``--coupling affine``) of MLP subnets
+  (d=64 halves, hidden 256, twice the half's width out), 2 x 1024 tokens, depths 8 to 32,
+  the log-det in the loss; revfunc against plain autograd on the same blocks.
 - ``overhead``: a CPU proxy for a launch-bound accelerator step, 1 thread, depth 32,
   d=16, 2 heads, input (1, 1, 16), 15 rounds; the column to read is the extra time per
   block over plain.
@@ -44,7 +47,14 @@ import pathlib
 import sys
 import time
 
-from revfunc.bench.cases import COMPILED_STEPS, FUNCTIONAL_METHODS, MODULE_METHODS, SELECTIVE_METHODS
+from revfunc.bench.cases import (
+    COMPILED_STEPS,
+    FUNCTIONAL_METHODS,
+    MODULE_METHODS,
+    SELECTIVE_METHODS,
+    coupling_of,
+    is_flow,
+)
 from revfunc.bench.drift import drift
 from revfunc.bench.measure import peak_memory, timings, worker
 from revfunc.bench.report import _machine, plot, render_drift_markdown, render_headline, render_markdown, report
@@ -97,6 +107,22 @@ PRESETS = {
         threads=0,
         memory=True,
         setups=True,
+    ),
+    "affine": dict(
+        depths=[8, 16, 32],
+        dim=64,
+        heads=4,
+        seq=1024,
+        batch=2,
+        causal=False,
+        repeats=3,
+        warmup=1,
+        seqs=[],
+        sweep_depth=8,
+        functional=False,
+        threads=0,
+        memory=True,
+        coupling="affine",
     ),
     "overhead": dict(
         depths=[32],
@@ -167,6 +193,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--compile", action="store_true", help="also every method as torch.compile(model) plus eager backward"
     )
+    parser.add_argument(
+        "--coupling",
+        help="additive (default), scaled:A, momentum:G or affine[:CLAMP] (affine: MLP subnets, log-det in the loss)",
+    )
     parser.add_argument("--out", default="bench_out", help="folder for bench.json, bench.md and bench.png")
     parser.add_argument(
         "--drift",
@@ -184,6 +214,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def methods(args) -> list:
+    if coupling_of(args) is not None:
+        # The classic code is additive only; a flow (affine) compares revfunc with plain
+        # autograd on the same blocks; checkpointing and selective saving are the additive
+        # transformer's.
+        return ["plain", "revfunc"] if is_flow(args) else ["plain", "checkpoint", "revfunc"]
     names = (
         list(MODULE_METHODS)
         + (list(SELECTIVE_METHODS) if args.selective else [])

@@ -111,11 +111,21 @@ def _provenance(result: dict) -> str:
     )
 
 
+def _blocks_text(cfg: dict) -> str:
+    """What the blocks are: the transformer's, or a flow's affine couplings of MLP subnets."""
+    coupling = cfg.get("coupling") or "additive"
+    if coupling.startswith("affine"):
+        return f"{coupling} couplings of MLP subnets (hidden {4 * cfg['dim']}), the log-det in the loss"
+    blocks = f"{'causal ' if cfg.get('causal') else ''}SDPA attention + feed-forward"
+    return blocks if coupling == "additive" else f"{blocks}, {coupling} couplings"
+
+
 def _case_line(cfg: dict) -> str:
     amp = f", {cfg['amp']} autocast" if cfg.get("amp") else ""
+    heads = "" if (cfg.get("coupling") or "").startswith("affine") else f"{cfg['heads']} heads, "
     return (
-        f"d={cfg['dim']}, {cfg['heads']} heads, batch {cfg['batch']} x {cfg['seq']} tokens, "
-        f"{'causal ' if cfg.get('causal') else ''}SDPA attention + feed-forward, {cfg['dtype']}{amp} on "
+        f"d={cfg['dim']}, {heads}batch {cfg['batch']} x {cfg['seq']} tokens, "
+        f"{_blocks_text(cfg)}, {cfg['dtype']}{amp} on "
         f"{cfg['device']}; {cfg['repeats']} timed rounds after {cfg['warmup']} warm-up; one stream tensor = "
         f"{cfg['batch'] * cfg['seq'] * cfg['dim']} elements."
     )
@@ -150,12 +160,13 @@ def render_tables(result: dict) -> str:
             line += " - |" if r["compile_seconds"] is None else f" {r['compile_seconds']:.1f} |"
         lines.append(line)
     if result.get("floor"):
+        flow = (cfg.get("coupling") or "").startswith("affine")
         f, g = (result["floor"].get(m) for m in FLOORS)
         lines.append(
             f"\nOne branch's own recomputation and vjp, alone in plain autograd (the floor of any "
-            f"reversible backward, before the stream state it carries): attention "
+            f"reversible backward, before the stream state it carries): {'f' if flow else 'attention'} "
             f"{_mib(f['activation_bytes'])} MiB ({f['activation_streams']:.1f} stream tensors), "
-            f"feed-forward {_mib(g['activation_bytes'])} MiB ({g['activation_streams']:.1f})."
+            f"{'g' if flow else 'feed-forward'} {_mib(g['activation_bytes'])} MiB ({g['activation_streams']:.1f})."
         )
     lines.append(
         "\nParameter gradients (allocated before the step, so in the peak column and not in the "
@@ -253,7 +264,7 @@ def render_headline(result: dict) -> str:
     lines = [
         (
             f"Depth {depth}, d={cfg['dim']}, {cfg['batch']} x {cfg['seq']} tokens, "
-            f"{'causal ' if cfg.get('causal') else ''}SDPA attention + feed-forward, {cfg['dtype']} on "
+            f"{_blocks_text(cfg)}, {cfg['dtype']} on "
             f"{result.get('machine', {}).get('device', cfg['device'])}; `{result['command']}`, "
             f"{result['date']}:"
         ),

@@ -6,7 +6,7 @@ own experiments. Dims: ``b`` batch, ``n`` tokens, ``d`` width, ``h`` heads.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from einops import rearrange
@@ -108,9 +108,10 @@ def subnet_layers(depth: int, dim: int, hidden: int = 64, out_mult: int = 2) -> 
         net = nn.Sequential(
             nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, out_mult * dim)
         )
+        last: Any = net[-1]
         with torch.no_grad():
-            net[-1].weight.mul_(0.1)
-            net[-1].bias.mul_(0.1)
+            last.weight.mul_(0.1)
+            last.bias.mul_(0.1)
         return net
 
     return nn.ModuleList(nn.ModuleList([subnet(), subnet()]) for _ in range(depth))
