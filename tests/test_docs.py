@@ -47,7 +47,8 @@ def test_generated_file_is_the_renderer_output_of_its_json(md):
 
         render = sharded.render_markdown
     else:
-        render = bench.render_drift_markdown if "drift" in result else bench.render_markdown
+        drift = "drift" in result or "coupling_drift" in result
+        render = bench.render_drift_markdown if drift else bench.render_markdown
     assert render(result) == md.read_text()
 
 

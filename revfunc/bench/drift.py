@@ -17,8 +17,11 @@ def drift(args) -> dict:
     import torch
 
     import revfunc
+    from revfunc.bench.cases import coupling_of
     from revfunc.testing.blocks import transformer_layers
 
+    if coupling_of(args) is not None:
+        return coupling_drift(args)
     dim, batch, seq = args.dim, args.batch, args.seq
     result: Dict[str, Any] = {"drift": [], "autocast": []}
     print(f"reconstruction drift (max relative error of rebuilt block inputs), d={dim}, {batch}x{seq} tokens")
@@ -63,3 +66,49 @@ def drift(args) -> dict:
         result["classic_autocast_grad_error"] = err
         print(f"  classic reversible.py  rel error {err:.3g}", flush=True)
     return result
+
+
+#: Depths and ``checkpoint_every`` values of a coupling's drift table.
+COUPLING_DEPTHS = (1, 4, 8, 16, 32, 64)
+COUPLING_KS = (None, 8, 4, 2)
+
+
+def coupling_drift(args) -> dict:
+    """``--drift --coupling NAME[:FACTOR]``: the reconstruction error of that coupling
+    against depth in float32 and bfloat16, without and with ``checkpoint_every`` k.
+
+    Blocks: the benchmark's transformer blocks (``affine``: MLP subnets); weights and
+    inputs in each dtype; the figure is the max over blocks of
+    :func:`revfunc.reconstruction_error` (the error the backward's rebuilt inputs carry).
+    """
+    import torch
+
+    import revfunc
+    from revfunc.bench.cases import coupling_of, is_flow
+    from revfunc.testing.blocks import subnet_layers, transformer_layers
+
+    c = coupling_of(args)
+    dim, batch, seq = args.dim, args.batch, args.seq
+    rows = []
+    print(f"reconstruction drift of {c!r}, d={dim}, {batch}x{seq} tokens (max relative error of rebuilt inputs)")
+    for dtype in (torch.float32, torch.bfloat16):
+        for depth in COUPLING_DEPTHS:
+            torch.manual_seed(0)
+            if is_flow(args):
+                layers = subnet_layers(depth, dim, hidden=4 * dim)
+            else:
+                layers = transformer_layers(depth, dim, heads=args.heads)
+            layers = layers.to(device=args.device, dtype=dtype)
+            blocks, params = revfunc.pure_blocks(layers)
+            x1 = torch.randn(batch, seq, dim, device=args.device, dtype=dtype)
+            x2 = torch.randn(batch, seq, dim, device=args.device, dtype=dtype)
+            for k in COUPLING_KS:
+                if k is not None and k >= depth:
+                    continue
+                errors = revfunc.reconstruction_error(blocks, params, x1, x2, coupling=c, checkpoint_every=k)
+                rows.append({"dtype": str(dtype), "depth": depth, "checkpoint_every": k, "max_error": max(errors)})
+                print(
+                    f"  {str(dtype):15s} depth {depth:3d}  checkpoint_every={str(k):4s}  max error {max(errors):.3g}",
+                    flush=True,
+                )
+    return {"coupling": repr(c), "divides": c.divides, "coupling_drift": rows}

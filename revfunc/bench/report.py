@@ -282,7 +282,10 @@ def render_headline(result: dict) -> str:
 
 
 def render_drift_markdown(result: dict) -> str:
-    """The drift run as markdown: drift by dtype and depth, and the autocast gradient error."""
+    """The drift run as markdown: drift by dtype and depth, and the autocast gradient error
+    (or, for ``--coupling``, one coupling's drift by dtype, depth and ``checkpoint_every``)."""
+    if "coupling_drift" in result:
+        return _render_coupling_drift(result)
     depths = sorted({d["depth"] for d in result["drift"]})
     dtypes = list(dict.fromkeys(d["dtype"] for d in result["drift"]))
     by = {(d["dtype"], d["depth"]): d["max_error"] for d in result["drift"]}
@@ -299,6 +302,24 @@ def render_drift_markdown(result: dict) -> str:
         lines.append(f"| {a['checkpoint_every']} | {a['grad_error']:.1e} | {a['saved_stream_tensors']} |")
     if "classic_autocast_grad_error" in result:
         lines.append(f"| classic `reversible.py` | {result['classic_autocast_grad_error']:.1e} | - |")
+    return "\n".join(lines) + "\n"
+
+
+def _render_coupling_drift(result: dict) -> str:
+    rows = result["coupling_drift"]
+    depths = sorted({r["depth"] for r in rows})
+    by = {(r["dtype"], r["checkpoint_every"], r["depth"]): r["max_error"] for r in rows}
+    lines = [
+        _provenance(result),
+        "",
+        f"Max relative error of the rebuilt block inputs, {result['coupling']}:",
+        "",
+        "| dtype | checkpoint_every | " + " | ".join(f"depth {n}" for n in depths) + " |",
+        "| --- | --- |" + " --- |" * len(depths),
+    ]
+    for key in dict.fromkeys((r["dtype"], r["checkpoint_every"]) for r in rows):
+        cells = [f"{by[key[0], key[1], n]:.1e}" if (key[0], key[1], n) in by else "-" for n in depths]
+        lines.append(f"| {key[0].replace('torch.', '')} | {key[1]} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
