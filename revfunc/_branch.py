@@ -85,7 +85,9 @@ def call(
                 raise _checks.mutation_error(plan.where, i, BRANCHES[branch], fn, label(kind, name))
     if rng_before is not None and not same_states(rng_before, rng_states(x.device)):
         raise _checks.rng_error(plan.where, i, BRANCHES[branch])
-    _checks.check_branch_output(plan.where, out, x, i, BRANCHES[branch], plan.coupling(i, branch))
+    _checks.check_branch_output(
+        plan.where, out, x, i, BRANCHES[branch], None if plan.couplings is None else plan.couplings[i][branch]
+    )
     return out
 
 
@@ -311,7 +313,7 @@ def vjp(
     try:
         b = plan.binds[i][branch]
         slots = _diff_slots(b, tensors, needs)
-        coupling = plan.coupling(i, branch)
+        coupling = None if plan.couplings is None else plan.couplings[i][branch]
         if coupling is not None:
             return _coupled_vjp(
                 plan, i, branch, coupling, b, tensors, slots, x, cotangent, partner, mode, captures, exact, dlogdet

@@ -215,11 +215,9 @@ def check_branch_output(where: str, out: Any, x: torch.Tensor, index: int, branc
     One whose output is ``"pair"`` (``affine``) takes a pair of such tensors or one tensor
     of twice the size along its ``dim``; ``"any"`` (a user's coupling) is not checked here.
     """
-    kind = "tensor" if coupling is None else coupling.output
-    if kind == "any":
-        return
-    if kind == "pair":
-        _check_pair_output(where, out, x, index, branch, coupling)
+    if coupling is not None and coupling.output != "tensor":
+        if coupling.output == "pair":
+            _check_pair_output(where, out, x, index, branch, coupling)
         return
     if not isinstance(out, torch.Tensor) or out.shape != x.shape:
         got = f"shape {tuple(out.shape)}" if isinstance(out, torch.Tensor) else describe(out)

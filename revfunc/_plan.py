@@ -61,8 +61,9 @@ class Plan:
             parameters (an FSDP2 module: ``fully_shard`` on the block), or ``None``
             throughout; see :func:`revfunc._walk.gathered`.
         couplings: per block ``(c_f, c_g)``, the :class:`revfunc.couplings.Coupling` of
-            each update, or ``None``: every update additive (``x + h``), the path that
-            computes exactly what it computed before couplings existed.
+            each update (``None`` for an additive one), or ``None``: every update
+            additive (``x + h``), the path that computes exactly what it computed before
+            couplings existed.
         logdet: the walk also returns the stack's log-determinant, summed over both updates
             of every block and over the last ``event_dim`` dimensions.
         event_dim: as ``torch.distributions.Transform.event_dim``.
@@ -266,6 +267,13 @@ def _warn_hooks(where: str, index: int, branch: str, fn) -> None:
             return
 
 
+def _non_additive(pairs):
+    """The plan's couplings: each additive update as ``None`` (the engine's additive path)."""
+    if pairs is None:
+        return None
+    return tuple(tuple(None if c.is_additive else c for c in pair) for pair in pairs)
+
+
 def make_plan(
     where,
     blocks,
@@ -324,7 +332,7 @@ def make_plan(
         residual=residual,
         contexts=SavedContexts(context_fn) if context_fn is not None and replay else None,
         units=units,
-        couplings=per_block(where, coupling, depth),
+        couplings=_non_additive(per_block(where, coupling, depth)),
         logdet=logdet,
         event_dim=event_dim,
         grad_mode=torch.is_grad_enabled() and not under_compile(),

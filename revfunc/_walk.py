@@ -255,7 +255,10 @@ def block_backward(
     exact1, exact2 = (None, None) if boundary_input is None else boundary_input
     # A non-additive update's vjp needs its half rebuilt (the coupling's own vjp), even
     # where the half is kept exactly or not needed further.
-    coupled_f, coupled_g = plan.coupling(i, 0) is not None, plan.coupling(i, 1) is not None
+    if plan.couplings is None:
+        coupled_f = coupled_g = False
+    else:
+        coupled_f, coupled_g = (c is not None for c in plan.couplings[i])
     # g at y1 rebuilds x2 = c_g^-1(y2, g(y1)); y2 is dead once x2 exists.
     # (The partner goes in a one-item list that the callee empties: no frame keeps it.)
     box, y2 = ([y2] if boundary_input is None or coupled_g else None), None

@@ -14,7 +14,7 @@ from revfunc import _branch, _walk
 from revfunc._plan import make_plan, validate
 from revfunc._tolerances import default_tolerances
 from revfunc._types import BlockKwargs, BlockParams, Blocks
-from revfunc.couplings import CouplingSpec
+from revfunc.couplings import CouplingSpec, additive
 from revfunc.sequence import reversible_sequence, run_sequential, sequential_sequence
 
 __all__ = ["assert_invertible", "assert_gradients_match", "assert_logdet_matches"]
@@ -121,10 +121,10 @@ def _coupled(plan, i: int, branch: Optional[int] = None) -> str:
     """`` (coupling affine(...))``: block ``i``'s non-additive coupling(s), for a message."""
     if plan.couplings is None:
         return ""
-    pair = plan.couplings[i]
+    names = [repr(additive() if c is None else c) for c in plan.couplings[i]]
     if branch is not None:
-        return "" if pair[branch].is_additive else f" (coupling {pair[branch]!r})"
-    return "" if all(c.is_additive for c in pair) else f" (couplings {pair[0]!r}, {pair[1]!r})"
+        return "" if plan.couplings[i][branch] is None else f" (coupling {names[branch]})"
+    return "" if plan.couplings[i] == (None, None) else f" (couplings {names[0]}, {names[1]})"
 
 
 def _named_leaves(params: BlockParams, kwargs: Optional[BlockKwargs]) -> Tuple[List[str], List[torch.Tensor]]:
@@ -209,7 +209,7 @@ def assert_gradients_match(
     r3 = torch.randn(x1.shape[:-1], generator=probe, dtype=torch.float64).to(x1.device)
     restore = _rng_restorer(generator)
     logdet = make_plan(where, blocks, params, kwargs, None, x1, x2, replay=False, coupling=coupling)[0].couplings
-    with_logdet = logdet is not None and any(c.logdet is not None for pair in logdet for c in pair)
+    with_logdet = logdet is not None and any(c is not None and c.logdet is not None for pair in logdet for c in pair)
 
     def projected(y1, y2, ld=None):
         out = (y1.double() * r1).sum() + (y2.double() * r2).sum()
