@@ -369,17 +369,8 @@ def _autograd_vjp(plan, i, branch, b, tensors, slots, x, cotangent, partner, cre
     fn = plan.blocks[i][branch]
     if not create_graph and _is_reentrant(fn):
         return _vjp_into_aliases(plan, i, branch, b, tensors, slots, x, cotangent, partner, captures)
-    replaced = {}
     with torch.enable_grad():
-        for j in slots:
-            t = tensors[j]
-            if create_graph and t.requires_grad:
-                # A differentiable alias: the engine captures the gradient there and never
-                # walks on into the caller's graph (which leads back into this Function).
-                replaced[j] = t.view_as(t)
-            elif not t.requires_grad or getattr(t, "_backward_hooks", None) or t.grad_fn is not None:
-                replaced[j] = t.detach().requires_grad_()
-        xin = x.view_as(x) if create_graph and x.requires_grad else x.detach().requires_grad_()
+        replaced, xin = _differentiated(tensors, slots, x, create_graph)
         params, kwargs = _bind_with(b, tensors, replaced)
         out = replay(plan, i, branch, params, xin, kwargs)
         if out.grad_fn is None and out.requires_grad:  # the input or a parameter itself
@@ -419,6 +410,24 @@ def _autograd_vjp(plan, i, branch, b, tensors, slots, x, cotangent, partner, cre
             return rebuilt, grads_by_slot, gx, None
     gx = torch.zeros_like(x) if grads[0] is None else grads[0]
     return rebuilt, {j: g for j, g in zip(slots, grads[1:]) if g is not None}, gx, None
+
+
+def _differentiated(tensors, slots, x, create_graph: bool):
+    """``(replaced, xin)``: what a recomputation differentiates in place of the caller's
+    tensors (see :func:`_autograd_vjp`), under grad mode. With ``create_graph``, a
+    differentiable alias of a tensor that requires grad: the engine captures the gradient
+    there and never walks on into the caller's graph (which leads back into this
+    Function); otherwise a fresh leaf where the caller's tensor does not require grad, has
+    tensor hooks (they would fire twice) or is not a leaf. ``xin``: the branch input."""
+    replaced = {}
+    for j in slots:
+        t = tensors[j]
+        if create_graph and t.requires_grad:
+            replaced[j] = t.view_as(t)
+        elif not t.requires_grad or getattr(t, "_backward_hooks", None) or t.grad_fn is not None:
+            replaced[j] = t.detach().requires_grad_()
+    xin = x.view_as(x) if create_graph and x.requires_grad else x.detach().requires_grad_()
+    return replaced, xin
 
 
 def _is_reentrant(fn) -> bool:
@@ -552,15 +561,8 @@ def _coupled_vjp(plan, i, branch, c, b, tensors, slots, x, cotangent, partner, m
         g_slots, gx = pull(d_h)
         return rebuilt, dict(zip(slots, g_slots)), gx, d_half
     create_graph = mode == "graph"
-    replaced = {}
     with torch.enable_grad():
-        for j in slots:
-            t = tensors[j]
-            if create_graph and t.requires_grad:
-                replaced[j] = t.view_as(t)
-            elif not t.requires_grad or getattr(t, "_backward_hooks", None) or t.grad_fn is not None:
-                replaced[j] = t.detach().requires_grad_()
-        xin = x.view_as(x) if create_graph and x.requires_grad else x.detach().requires_grad_()
+        replaced, xin = _differentiated(tensors, slots, x, create_graph)
         params, kwargs = _bind_with(b, tensors, replaced)
         outs = tuple(
             o.view_as(o) if o.grad_fn is None and o.requires_grad else o

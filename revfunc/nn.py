@@ -428,13 +428,7 @@ class ReversibleSequence(nn.Module):
         x1, x2 = (x, x.view_as(x)) if split_dim is None else _split(where, x, split_dim)
         if any(block.__dict__.get("_lazy") for block in self.blocks):
             _materialize(where, self.blocks, x1, x2, routed)
-        keep = _kept_layers(self, len(self.blocks), generator)
-        fns, params = zip(*(self.blocks[i].pure() for i in keep))  # also refreshes the candidates
-        candidates = [c for i in keep for c in self.blocks[i].random_candidates()]
-        # With no dropout-like submodule active (none, all p == 0, or eval mode) no seed
-        # is drawn and no RNG state is forked per branch; the forward instead checks that
-        # no branch touched the global RNG (a custom random op raises, naming the block).
-        deterministic = generator is None and not _active(candidates)
+        keep, fns, params, deterministic = self._kept(generator)
         # Classic: both halves start as x (cat([x, x], -1)); a view keeps the two Function
         # inputs distinct tensors, which Dynamo requires.
         out = apply_stack(
@@ -458,6 +452,18 @@ class ReversibleSequence(nn.Module):
         y = torch.cat([out[0], out[1]], dim=split_dim)
         return (y, out[2]) if return_logdet else y
 
+    def _kept(self, generator: Optional[torch.Generator]):
+        """``(keep, fns, params, deterministic)`` of one walk: the blocks layer dropout
+        keeps, their pure views and live parameters, and whether the call is
+        deterministic. With no dropout-like submodule active (none, all p == 0, or eval
+        mode) no seed is drawn and no RNG state is forked per branch; the walk instead
+        checks that no branch touched the global RNG (a custom random op raises, naming
+        the block)."""
+        keep = _kept_layers(self, len(self.blocks), generator)
+        fns, params = zip(*(self.blocks[i].pure() for i in keep))  # also refreshes the candidates
+        candidates = [c for i in keep for c in self.blocks[i].random_candidates()]
+        return keep, fns, params, generator is None and not _active(candidates)
+
     def inverse(self, y: torch.Tensor, generator: Optional[torch.Generator] = None, **kwargs: Any) -> torch.Tensor:
         """``x`` with ``self(x) == y``, for a container with ``split_dim`` (the classic one
         returns ``y1 + y2``, which no inverse can split again). Give ``generator`` in the
@@ -474,9 +480,7 @@ class ReversibleSequence(nn.Module):
         if len(self.blocks) == 0:
             return y
         y1, y2 = _split(where, y, split_dim)
-        keep = _kept_layers(self, len(self.blocks), generator)
-        fns, params = zip(*(self.blocks[i].pure() for i in keep))
-        candidates = [c for i in keep for c in self.blocks[i].random_candidates()]
+        keep, fns, params, deterministic = self._kept(generator)
         x1, x2 = apply_inverse(
             list(fns),
             list(params),
@@ -486,7 +490,7 @@ class ReversibleSequence(nn.Module):
             generator=generator,
             where=where,
             coupling=_couplings([self.blocks[i] for i in keep]),
-            deterministic=generator is None and not _active(candidates),
+            deterministic=deterministic,
         )
         return torch.cat([x1, x2], dim=split_dim)
 
