@@ -173,8 +173,8 @@ def momentum(gamma: float) -> Coupling:
 
     Example:
         >>> import torch
-        >>> momentum(0.9).forward(torch.ones(1), torch.zeros(1)).tolist()
-        [0.9]
+        >>> momentum(0.5).forward(torch.ones(1), torch.zeros(1)).tolist()
+        [0.5]
     """
     gamma = _check_factor("revfunc.couplings.momentum", "gamma", gamma, high=1.0)
     log_gamma = math.log(gamma)
