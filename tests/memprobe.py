@@ -37,6 +37,7 @@ AFFINE_PATHS = ("backward_affine", "func_grad_affine")  # affine couplings, the 
 PATHS = (
     "backward",
     "backward_save_on_cpu",
+    "backward_checkpointed",
     "autograd_grad",
     *FUNC_PATHS,
     *(p + "_live" for p in FUNC_PATHS),
@@ -138,7 +139,7 @@ def make_step(path: str, method: str, depth: int):
     seq = revfunc.reversible_sequence if method == "revfunc" else revfunc.sequential_sequence
     live = list(layers.parameters())
 
-    if path in ("backward", "backward_save_on_cpu", "autograd_grad", "compile_model_backward"):
+    if path in ("backward", "backward_save_on_cpu", "backward_checkpointed", "autograd_grad", "compile_model_backward"):
         model = (rnn.ReversibleSequence if method == "revfunc" else rnn.SequentialSequence)(layers)
         if path == "compile_model_backward":
             model = torch.compile(model)
@@ -157,6 +158,10 @@ def make_step(path: str, method: str, depth: int):
                 loss.backward()
 
             return offloaded, preallocate
+        if path == "backward_checkpointed":  # a trainer's gradient checkpointing around the whole model
+            from torch.utils.checkpoint import checkpoint
+
+            return (lambda: checkpoint(model, x, use_reentrant=False).pow(2).mean().backward()), preallocate
         if path == "compile_model_backward":
             # AOTAutograd compiles the whole backward into one node, which returns every
             # gradient at once for any method (plain too): measured from None gradients,

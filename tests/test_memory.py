@@ -23,6 +23,7 @@ AFFINE_PATHS = ("backward_affine", "func_grad_affine")  # affine couplings, the 
 EAGER_PATHS = (
     "backward",
     "backward_save_on_cpu",
+    "backward_checkpointed",
     "autograd_grad",
     *FUNC_PATHS,
     *(p + "_live" for p in FUNC_PATHS),
