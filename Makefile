@@ -12,7 +12,7 @@ PY_LOWEST := $(VENV_LOWEST)/bin/python
 LOWEST_TESTS ?= tests/test_sequence.py tests/test_transforms.py tests/test_composition.py tests/test_nn.py \
 	tests/test_engine.py tests/test_handoff.py tests/test_selective.py \
 	tests/test_random.py tests/test_safety.py tests/test_memory.py tests/test_distributed.py \
-	tests/test_couplings.py tests/test_contexts.py
+	tests/test_couplings.py tests/test_contexts.py tests/test_flows.py
 
 .PHONY: bench test lint test-latest test-lowest venv venv-lowest clean
 

@@ -6,6 +6,7 @@ Core names are re-exported here; see ``revfunc.nn`` for the drop-in container mo
 
 from revfunc.coupling import coupling, coupling_inverse
 from revfunc.functional import merge_buffers, pure, pure_blocks, split_buffers
+from revfunc.invertible import Invertible
 from revfunc.routing import layer_drop, route_args
 from revfunc.sequence import (
     ReconstructionError,
@@ -21,6 +22,7 @@ __version__ = "0.1.0"
 __all__ = [
     "coupling",
     "coupling_inverse",
+    "Invertible",
     "pure",
     "pure_blocks",
     "split_buffers",

@@ -620,7 +620,7 @@ def check_captures(plan, i, branch, fn, out, inputs) -> None:
             if edges is None:
                 edges = {torch.autograd.graph.get_gradient_edge(t).node for t in inputs if t.requires_grad}
             if node not in edges:
-                raise _checks.captured_tensor_error(plan.where, i, BRANCHES[branch], fn, node.variable)
+                raise _checks.captured_tensor_error(plan.where, i, plan.branch_label(i, branch), fn, node.variable)
             continue
         for next_node, _ in node.next_functions:
             if next_node is not None and next_node not in seen:

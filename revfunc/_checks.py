@@ -75,18 +75,35 @@ def check_blocks(where: str, blocks: Any, params: Any) -> None:
         raise ValueError(
             msg(where, "params", f"one (f_params, g_params) pair per block ({len(blocks)})", f"{len(params)} pairs")
         )
+    from revfunc.invertible import Invertible
+
     for i, (block, pair) in enumerate(zip(blocks, params)):
+        if isinstance(block, Invertible):
+            if not isinstance(pair, Mapping):
+                raise TypeError(
+                    msg(
+                        where,
+                        f"params[{i}]",
+                        f"a dict, the parameters of block {i}'s invertible layer {block!r} ({{}} for none)",
+                        describe(pair),
+                    )
+                )
+            continue
         if not (isinstance(block, (list, tuple)) and len(block) == 2 and all(map(callable, block))):
-            raise TypeError(msg(where, f"blocks[{i}]", "a pair (f, g) of callables", describe(block)))
+            raise TypeError(
+                msg(where, f"blocks[{i}]", "a pair (f, g) of callables or a revfunc.Invertible layer", describe(block))
+            )
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(p, Mapping) for p in pair)):
             raise TypeError(msg(where, f"params[{i}]", "a pair (f_params, g_params) of dicts", describe(pair)))
 
 
-def check_params_device(where: str, params: Any, device: torch.device) -> None:
+def check_params_device(where: str, params: Any, device: torch.device, layers=()) -> None:
+    """Every parameter a tensor on ``device`` (``params`` as pairs; ``layers``: the indices
+    of invertible layers, whose dict is the first of its pair)."""
     from torch.nn.parameter import UninitializedTensorMixin  # type: ignore[attr-defined]  # not in __all__
 
     for i, pair in enumerate(params):
-        for branch, p in zip("fg", pair):
+        for branch, p in zip(("layer", "") if i in layers else "fg", pair):
             for name, t in p.items():
                 if not isinstance(t, torch.Tensor):
                     raise TypeError(msg(where, f"params[{i}] ({branch}) {name!r}", "a torch.Tensor", describe(t)))
@@ -115,7 +132,9 @@ def check_params_device(where: str, params: Any, device: torch.device) -> None:
                     )
 
 
-def check_kwargs(where: str, kwargs: Any, depth: int) -> None:
+def check_kwargs(where: str, kwargs: Any, depth: int, layers=()) -> None:
+    """``kwargs``: ``None`` or one ``(f_kwargs, g_kwargs)`` pair per block; an invertible
+    layer's (indices ``layers``) is ``(layer_kwargs, {})``."""
     if kwargs is None:
         return
     if not isinstance(kwargs, (list, tuple)):
@@ -141,6 +160,15 @@ def check_kwargs(where: str, kwargs: Any, depth: int) -> None:
     for i, pair in enumerate(kwargs):
         if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(k, Mapping) for k in pair)):
             raise TypeError(msg(where, f"kwargs[{i}]", "a pair (f_kwargs, g_kwargs) of dicts", describe(pair)))
+        if i in layers and pair[1]:
+            raise ValueError(
+                msg(
+                    where,
+                    f"kwargs[{i}]",
+                    f"(layer_kwargs, {{}}) for block {i}, an invertible layer (it has no branch g)",
+                    f"g keywords {sorted(pair[1])}",
+                )
+            )
 
 
 def check_generator(where: str, generator: Optional[torch.Generator], device: torch.device) -> None:
@@ -204,7 +232,8 @@ def check_context_fn_type(where: str, context_fn: Any) -> None:
 
 
 def branch_name(index: int, branch: str) -> str:
-    return f"block {index} branch {branch}"
+    """``"block 3 branch f"``; ``"block 3 invertible layer"`` for a layer."""
+    return f"block {index} {branch}" if branch.startswith("invertible") else f"block {index} branch {branch}"
 
 
 def check_branch_output(where: str, out: Any, x: torch.Tensor, index: int, branch: str, coupling: Any = None) -> None:
@@ -231,6 +260,57 @@ def check_branch_output(where: str, out: Any, x: torch.Tensor, index: int, branc
             msg(where, branch_name(index, branch), f"an output shaped like its input {tuple(x.shape)}", got, fix)
         )
     _check_output_dtype(where, out, x, index, branch)
+
+
+def check_layer_output(
+    where: str, out: Any, a: torch.Tensor, b: torch.Tensor, index: int, layer: Any, which: str, event_dim: int
+) -> tuple:
+    """An invertible layer's result: ``forward`` gives ``(y1, y2, logdet)``, ``inverse``
+    ``(x1, x2)``; the halves shaped like its input halves ``a``, ``b``, no wider in dtype;
+    the log-det a number or a tensor broadcastable to ``a.shape[:-event_dim]``."""
+    label = f"block {index} invertible layer {layer!r}"
+    n = 3 if which == "forward" else 2
+    expected = "(y1, y2, logdet)" if n == 3 else "(x1, x2)"
+    if not (isinstance(out, (tuple, list)) and len(out) == n):
+        raise ValueError(msg(where, f"{label} {which}", f"a tuple {expected}", describe(out)))
+    for name, t, x in zip(("first half", "second half"), out[:2], (a, b)):
+        if not isinstance(t, torch.Tensor) or t.shape != x.shape:
+            got = f"shape {tuple(t.shape)}" if isinstance(t, torch.Tensor) else describe(t)
+            raise ValueError(
+                msg(
+                    where,
+                    f"{label} {which}",
+                    f"a {name} shaped like its input's {tuple(x.shape)}",
+                    got,
+                    "An invertible layer keeps the shapes of both halves.",
+                )
+            )
+        if t.dtype != x.dtype and (not t.is_floating_point() or torch.promote_types(t.dtype, x.dtype) != x.dtype):
+            raise TypeError(
+                msg(where, f"{label} {which}", f"a {name} no wider than its input's dtype {x.dtype}", f"{t.dtype}")
+            )
+    if n == 3:
+        logdet = out[2]
+        batch = tuple(a.shape[: a.dim() - event_dim])
+        shape = tuple(logdet.shape) if isinstance(logdet, torch.Tensor) else ()
+        ok = isinstance(logdet, (int, float, torch.Tensor)) and not isinstance(logdet, bool)
+        if ok:
+            try:
+                ok = torch.broadcast_shapes(shape, batch) == batch
+            except RuntimeError:
+                ok = False
+        if not ok:
+            raise ValueError(
+                msg(
+                    where,
+                    f"{label} forward",
+                    f"a log-det broadcastable to x1.shape[:-event_dim] = {batch} (event_dim={event_dim})",
+                    f"shape {shape}" if isinstance(logdet, torch.Tensor) else describe(logdet),
+                    "Sum the per-element log-det over the event dimensions, or return a scalar for a map that is "
+                    "the same for every sample.",
+                )
+            )
+    return tuple(out)
 
 
 def _check_pair_output(where: str, out: Any, x: torch.Tensor, index: int, branch: str, coupling: Any) -> None:

@@ -20,6 +20,7 @@ import torch
 
 from revfunc import _checks
 from revfunc.couplings import per_block
+from revfunc.invertible import Invertible
 from revfunc.random import derive_seed, draw_base_seed
 from revfunc.selective import SavedContexts
 
@@ -42,8 +43,10 @@ class Plan:
 
     Attributes:
         where: the public function's name, for messages.
-        blocks: the ``(f, g)`` pairs.
-        binds: per block, per branch, its :class:`Bind`.
+        blocks: per block, its ``(f, g)`` pair or its :class:`revfunc.invertible.Invertible`
+            layer (see :meth:`layer`).
+        binds: per block, per branch, its :class:`Bind` (a layer's parameters and
+            keywords in the first, the second empty).
         seeds: per block ``(f_seed, g_seed)`` child seeds, or ``None`` (run as is).
         boundaries: sorted stream-state indices ``j`` (the input of block ``j``) kept
             exactly (``checkpoint_every``).
@@ -75,7 +78,7 @@ class Plan:
     """
 
     where: str
-    blocks: Tuple[Tuple[Any, Any], ...]
+    blocks: Tuple[Any, ...]
     binds: Tuple[Tuple[Bind, Bind], ...]
     seeds: Optional[Tuple[Tuple[int, int], ...]]
     boundaries: Tuple[int, ...] = ()
@@ -101,6 +104,20 @@ class Plan:
         """Block ``index``'s coupling for ``branch``'s update, ``None`` when additive."""
         return None if self.couplings is None else self.couplings[index][branch]
 
+    def layer(self, index: int) -> Optional[Invertible]:
+        """Block ``index``'s invertible layer, or ``None`` for a coupling pair."""
+        block = self.blocks[index]
+        return block if isinstance(block, Invertible) else None
+
+    def fn(self, index: int, branch: int) -> Any:
+        """What block ``index``'s ``branch`` calls (a layer for both), for messages."""
+        block = self.blocks[index]
+        return block if isinstance(block, Invertible) else block[branch]
+
+    def branch_label(self, index: int, branch: int) -> str:
+        """``"f"``, ``"g"``, or ``"invertible layer"`` for a layer, for messages."""
+        return LAYER if isinstance(self.blocks[index], Invertible) else BRANCHES[branch]
+
     def first_user(self, slot: int) -> Tuple[int, str, Any, str]:
         """``(block, branch, fn, label)`` of the first branch call bound to flat ``slot``."""
         for i, pair in enumerate(self.binds):
@@ -108,8 +125,20 @@ class Plan:
                 for kind, slots in (("param", b.params), ("keyword", b.diff_kwargs + b.other_kwargs)):
                     for name, j in slots:
                         if j == slot:
-                            return i, BRANCHES[branch], self.blocks[i][branch], label(kind, name)
+                            return i, self.branch_label(i, branch), self.fn(i, branch), label(kind, name)
         raise LookupError(slot)
+
+
+#: What messages call an invertible layer's place in a block (where a branch says "branch f").
+LAYER = "invertible layer"
+
+
+def param_pairs(blocks: Sequence[Any], params: Sequence[Any]) -> List[Any]:
+    """``params`` with each invertible layer's dict as the pair ``(layer_params, {})``,
+    the form every per-block walk over parameters reads."""
+    return [
+        (p, {}) if isinstance(b, Invertible) and not isinstance(p, (list, tuple)) else p for b, p in zip(blocks, params)
+    ]
 
 
 def label(kind: str, name: str) -> str:
@@ -151,9 +180,13 @@ def validate(where, blocks, params, x1, x2, kwargs, generator, names=("x1", "x2"
     """Every argument check a stack call makes before any computation."""
     _checks.check_blocks(where, blocks, params)
     _checks.check_stream_pair(where, x1, x2, names)
-    _checks.check_params_device(where, params, x1.device)
-    _checks.check_kwargs(where, kwargs, len(blocks))
+    _checks.check_params_device(where, param_pairs(blocks, params), x1.device, _layer_indices(blocks))
+    _checks.check_kwargs(where, kwargs, len(blocks), _layer_indices(blocks))
     _checks.check_generator(where, generator, x1.device)
+
+
+def _layer_indices(blocks) -> Tuple[int, ...]:
+    return tuple(i for i, b in enumerate(blocks) if isinstance(b, Invertible))
 
 
 def flatten(blocks, params, kwargs, dedupe=True) -> Tuple[List[torch.Tensor], Tuple[Tuple[Bind, Bind], ...]]:
@@ -179,7 +212,7 @@ def flatten(blocks, params, kwargs, dedupe=True) -> Tuple[List[torch.Tensor], Tu
         return j
 
     binds: List[Any] = []
-    for pair, kw in zip(params, kwargs if kwargs is not None else itertools.repeat(_NO_KWARGS)):
+    for pair, kw in zip(param_pairs(blocks, params), kwargs if kwargs is not None else itertools.repeat(_NO_KWARGS)):
         block_binds = []
         for p, k in zip(pair, kw):
             param_slots = tuple((name, slot(t)) for name, t in p.items())
@@ -242,6 +275,9 @@ def _modes(where: str, blocks, warn_hooks: bool):
     modes: List[Any] = []
     for i, pair in enumerate(blocks):
         block: List[Any] = []
+        if isinstance(pair, Invertible):
+            modes.append((None, None))
+            continue
         for branch, fn in enumerate(pair):
             modules = getattr(fn, "submodules", None)
             if modules is None:
@@ -321,7 +357,7 @@ def make_plan(
     device_type = x1.device.type
     plan = Plan(
         where=where,
-        blocks=tuple(tuple(b) for b in blocks),
+        blocks=tuple(b if isinstance(b, Invertible) else tuple(b) for b in blocks),
         binds=binds,
         seeds=_seeds(generator, depth, draw),
         boundaries=boundaries,

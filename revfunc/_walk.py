@@ -22,7 +22,7 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple, Typ
 
 import torch
 
-from revfunc import _checks
+from revfunc import _checks, _layer
 from revfunc._branch import Watch, call, rebuild, rng_states, same_states, set_rng_states, update, vjp
 from revfunc._plan import Overlay, Plan
 
@@ -76,8 +76,11 @@ def zero_logdet(plan: Plan, x1: torch.Tensor) -> torch.Tensor:
 
 
 def block_forward(plan: Plan, i: int, tensors, x1: torch.Tensor, x2: torch.Tensor, watch: Watch, saving: bool):
-    """Block ``i``: ``y1 = c_f(x1, f(x2)); y2 = c_g(x2, g(y1))`` (``x + h`` when additive).
+    """Block ``i``: ``y1 = c_f(x1, f(x2)); y2 = c_g(x2, g(y1))`` (``x + h`` when additive),
+    or an invertible layer's forward (:func:`revfunc._layer.forward`).
     Returns ``(y1, y2, logdet term or None)``."""
+    if plan.layer(i) is not None:
+        return _layer.forward(plan, i, tensors, x1, x2, watch)
     if plan.couplings is None:
         x1 = x1 + call(plan, i, 0, x2, tensors, watch, saving)
         return x1, x2 + call(plan, i, 1, x1, tensors, watch, saving), None
@@ -144,8 +147,11 @@ def inverse(
     for i in range(len(plan.blocks) - 1, -1, -1):
         if boundary_states and i + 1 in boundary_states:
             y1, y2 = boundary_states[i + 1]
-        y2 = rebuild(plan, i, 1, y2, call(plan, i, 1, y1, tensors, watch))
-        y1 = rebuild(plan, i, 0, y1, call(plan, i, 0, y2, tensors, watch))
+        if plan.layer(i) is not None:
+            y1, y2 = _layer.inverse(plan, i, y1, y2, tensors, watch)
+        else:
+            y2 = rebuild(plan, i, 1, y2, call(plan, i, 1, y1, tensors, watch))
+            y1 = rebuild(plan, i, 0, y1, call(plan, i, 0, y2, tensors, watch))
         yield i, y1, y2
 
 
@@ -249,6 +255,8 @@ def block_backward(
     Memory: besides one branch's recomputation, four stream tensors are alive (the two
     halves and their cotangents): each value is released as soon as it is dead.
     """
+    if plan.layer(i) is not None:
+        return _layer.backward(plan, i, state, tensors, needs, mode, captures, boundary_input, rebuild, dlogdet)
     dy2, dy1, y2, y1 = state.pop(), state.pop(), state.pop(), state.pop()
     dy1 = torch.zeros_like(y1) if dy1 is None else dy1
     dy2 = torch.zeros_like(y2) if dy2 is None else dy2

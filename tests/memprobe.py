@@ -34,6 +34,7 @@ from revfunc.testing.blocks import mlp_layers, transformer_layers
 FUNC_PATHS = ("func_grad", "grad_and_value", "vjp", "vmap_grad")
 TRAINING_PATHS = ("accumulate", "optimizer_in_backward")  # the wide, short case
 AFFINE_PATHS = ("backward_affine", "func_grad_affine")  # affine couplings, the log-det in the loss
+FLOW_PATHS = ("backward_flow", "func_grad_flow")  # the same with a permutation layer after each block
 PATHS = (
     "backward",
     "backward_save_on_cpu",
@@ -42,6 +43,7 @@ PATHS = (
     *FUNC_PATHS,
     *(p + "_live" for p in FUNC_PATHS),
     *AFFINE_PATHS,
+    *FLOW_PATHS,
     "compile_step",
     "compile_model_backward",
     "compile_func_grad",
@@ -110,12 +112,26 @@ def _affine_step(path: str, method: str, depth: int):
     seq = revfunc.reversible_sequence if method == "revfunc" else revfunc.sequential_sequence
     blocks, live_params = revfunc.pure_blocks(layers)
     params = [tuple({k: v.detach() for k, v in p.items()} for p in pair) for pair in live_params]
+    if path.endswith("_flow"):  # a permutation layer after each coupling block (FrEIA's PermuteRandom)
+        from revfunc.invertible import permute
+
+        g = torch.Generator().manual_seed(2)
+        blocks = [b for pair in blocks for b in (pair, permute(torch.randperm(2 * DIM, generator=g)))]
+        params = [e for pair in params for e in (pair, {})]
+        live_params = [e for pair in live_params for e in (pair, {})]
     x1, x2 = x.chunk(2, -1)
 
     def loss(p):
         y1, y2, logdet = seq(blocks, p, x1, x2, coupling=affine(), return_logdet=True)
         return (y1 + y2).pow(2).mean() - logdet.mean()
 
+    if path == "backward_flow":
+
+        def preallocate_flow():
+            for p in layers.parameters():
+                p.grad = torch.zeros_like(p)
+
+        return (lambda: loss(live_params).backward()), preallocate_flow
     return (lambda: torch.func.grad(loss)(params)), None
 
 
@@ -129,7 +145,7 @@ def make_step(path: str, method: str, depth: int):
     torch.manual_seed(0)
     if path in TRAINING_PATHS:
         return _training_step(path, method, depth)
-    if path in AFFINE_PATHS:
+    if path in AFFINE_PATHS or path in FLOW_PATHS:
         return _affine_step(path, method, depth)
     # Compiled paths use MLP blocks: compile time grows with the graph, not the tensors.
     compiled = path.startswith("compile") and os.environ.get("MEMPROBE_BLOCKS") != "transformer"

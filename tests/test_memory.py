@@ -20,6 +20,7 @@ import pytest
 PROBE = pathlib.Path(__file__).with_name("memprobe.py")
 FUNC_PATHS = ("func_grad", "grad_and_value", "vjp", "vmap_grad")
 AFFINE_PATHS = ("backward_affine", "func_grad_affine")  # affine couplings, the log-det in the loss
+FLOW_PATHS = ("backward_flow", "func_grad_flow")  # with a permutation layer after each block
 EAGER_PATHS = (
     "backward",
     "backward_save_on_cpu",
@@ -28,6 +29,7 @@ EAGER_PATHS = (
     *FUNC_PATHS,
     *(p + "_live" for p in FUNC_PATHS),
     *AFFINE_PATHS,
+    *FLOW_PATHS,
 )
 COMPILED_PATHS = ("compile_step", "compile_model_backward")
 # Depths per path and method: plain autograd at two depths shows that the measurement

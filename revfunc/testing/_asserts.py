@@ -10,11 +10,12 @@ from typing import Any, List, Optional, Sequence, Tuple
 
 import torch
 
-from revfunc import _branch, _walk
-from revfunc._plan import make_plan, validate
+from revfunc import _branch, _layer, _walk
+from revfunc._plan import make_plan, param_pairs, validate
 from revfunc._tolerances import default_tolerances
 from revfunc._types import BlockKwargs, BlockParams, Blocks
 from revfunc.couplings import CouplingSpec, additive
+from revfunc.invertible import Invertible
 from revfunc.sequence import reversible_sequence, run_sequential, sequential_sequence
 
 __all__ = ["assert_invertible", "assert_gradients_match", "assert_logdet_matches"]
@@ -127,12 +128,14 @@ def _coupled(plan, i: int, branch: Optional[int] = None) -> str:
     return "" if plan.couplings[i] == (None, None) else f" (couplings {names[0]}, {names[1]})"
 
 
-def _named_leaves(params: BlockParams, kwargs: Optional[BlockKwargs]) -> Tuple[List[str], List[torch.Tensor]]:
+def _named_leaves(
+    blocks: Blocks, params: BlockParams, kwargs: Optional[BlockKwargs]
+) -> Tuple[List[str], List[torch.Tensor]]:
     """Names and tensors to differentiate: every floating param and kwarg tensor, once."""
     names, tensors, seen = [], [], set()
-    for label, pairs in (("params", params), ("kwargs", kwargs or ())):
+    for label, pairs in (("params", param_pairs(blocks, params)), ("kwargs", kwargs or ())):
         for i, pair in enumerate(pairs):
-            for branch, d in zip("fg", pair):
+            for branch, d in zip(("layer", "") if isinstance(params[i], dict) else "fg", pair):
                 for key, t in d.items():
                     if isinstance(t, torch.Tensor) and t.is_floating_point() and id(t) not in seen:
                         seen.add(id(t))
@@ -150,7 +153,7 @@ def _replace(
     def sub(d):
         return {k: swap.get(id(v), v) if isinstance(v, torch.Tensor) else v for k, v in d.items()}
 
-    new_params = [(sub(fp), sub(gp)) for fp, gp in params]
+    new_params = [sub(entry) if isinstance(entry, dict) else (sub(entry[0]), sub(entry[1])) for entry in params]
     new_kwargs = None if kwargs is None else [(sub(fk), sub(gk)) for fk, gk in kwargs]
     return new_params, new_kwargs
 
@@ -201,7 +204,7 @@ def assert_gradients_match(
     where = "revfunc.testing.assert_gradients_match"
     validate(where, blocks, params, x1, x2, kwargs, generator)
     rtol, atol = _tolerances(x1.dtype, rtol, atol)
-    names, leaves = _named_leaves(params, kwargs)
+    names, leaves = _named_leaves(blocks, params, kwargs)
     names = ["x1", "x2", *names]
     probe = torch.Generator().manual_seed(1234)
     r1 = torch.randn(x1.shape, generator=probe, dtype=torch.float64).to(x1.device)
@@ -209,7 +212,9 @@ def assert_gradients_match(
     r3 = torch.randn(x1.shape[:-1], generator=probe, dtype=torch.float64).to(x1.device)
     restore = _rng_restorer(generator)
     logdet = make_plan(where, blocks, params, kwargs, None, x1, x2, replay=False, coupling=coupling)[0].couplings
-    with_logdet = logdet is not None and any(c is not None and c.logdet is not None for pair in logdet for c in pair)
+    with_logdet = any(isinstance(b, Invertible) for b in blocks) or (
+        logdet is not None and any(c is not None and c.logdet is not None for pair in logdet for c in pair)
+    )
 
     def projected(y1, y2, ld=None):
         out = (y1.double() * r1).sum() + (y2.double() * r2).sum()
@@ -299,51 +304,87 @@ def _check_blocks_by_finite_differences(
         y1, _, _, _ = _walk.checked(
             plan, tensors, x1.device, lambda watch: _walk.forward(plan, x1, x2, tensors, watch, inputs)
         )
-    # f of block i sees its input x2; g sees y1 = the next block's x1 (the output's y1 last).
-    branch_inputs = [(b2, inputs[i + 1][0] if i + 1 < len(inputs) else y1) for i, (_, b2) in enumerate(inputs)]
-    for i, block_inputs in enumerate(branch_inputs):
-        for branch, name in ((0, "f"), (1, "g")):
-            x = block_inputs[branch]
-            # each floating slot once (a tensor tied under two names is one input)
-            diff = list({j: (n, j) for n, j in plan.binds[i][branch].params if tensors[j].is_floating_point()}.values())
-            with torch.no_grad():  # the output's parts and shapes (a pair for affine)
-                shapes = [p.shape for p in _branch._parts(_branch.call(plan, i, branch, x, tensors))]
-            r = [torch.randn(shape, generator=probe, dtype=torch.float64).to(x.device) for shape in shapes]
+    # f of block i sees its input x2; g sees y1 = the next block's x1 (the output's y1 last);
+    # an invertible layer sees both halves of its input.
+    outputs = [*(inputs[i + 1] for i in range(len(inputs) - 1)), (y1, None)]
+    for i, (a1, a2) in enumerate(inputs):
+        units: List[Tuple[str, int, tuple, Any]]
+        if plan.layer(i) is not None:
+            units = [("invertible layer", 0, (a1, a2), _layer_call(plan, i))]
+        else:
+            next_x1 = outputs[i][0]
+            units = [
+                (f"branch {n}", branch, (x,), _branch_call(plan, i, branch))
+                for n, branch, x in (("f", 0, a2), ("g", 1, next_x1))
+            ]
+        for name, branch, xs_in, run in units:
+            _check_unit_by_finite_differences(where, plan, tensors, i, name, branch, xs_in, run, probe, eps, tol)
 
-            def project(out, r=r):
-                return sum((part.double() * w).sum() for part, w in zip(_branch._parts(out), r))
 
-            def value(x_in, moved, i=i, branch=branch):  # this branch's call and projection
-                with torch.no_grad():
-                    return float(project(_branch.call(plan, i, branch, x_in, moved)))
+def _branch_call(plan, i: int, branch: int):
+    def run(xs, moved):
+        return _branch._parts(_branch.call(plan, i, branch, xs[0], moved))
 
-            def with_slots(new, diff=diff):
-                moved = list(tensors)
-                for (_, j), t in zip(diff, new):
-                    moved[j] = t
-                return moved
+    return run
 
-            with torch.enable_grad():
-                xs = x.detach().requires_grad_()
-                ps = [tensors[j].detach().requires_grad_() for _, j in diff]
-                out = _branch.call(plan, i, branch, xs, with_slots(ps))
-                g = torch.autograd.grad(project(out), [xs, *ps], allow_unused=True, materialize_grads=True)
-            v = [torch.randn(t.shape, generator=probe, dtype=torch.float64).to(t.device) for t in (xs, *ps)]
-            predicted = float(sum((a * u).sum() for a, u in zip(g, v)))
-            plus = value(x + eps * v[0], with_slots([tensors[j] + eps * u for (_, j), u in zip(diff, v[1:])]))
-            minus = value(x - eps * v[0], with_slots([tensors[j] - eps * u for (_, j), u in zip(diff, v[1:])]))
-            measured = (plus - minus) / (2 * eps)
-            err = abs(predicted - measured)
-            if err > tol * max(abs(measured), 1.0):
-                names = ["x", *(n for n, _ in diff)]
-                worst = max(zip(names, g, v), key=lambda item: abs((item[1] * item[2]).sum().item()))[0]
-                raise AssertionError(
-                    f"{where}: block {i} branch {name}{_coupled(plan, i, branch)}: its gradient w.r.t. (input x, "
-                    "params) along a random "
-                    f"direction ({predicted:.10g}) differs from float64 finite differences ({measured:.10g}): abs "
-                    f"error {err:.3g}, rel error {err / max(abs(measured), 1e-300):.3g} > tolerance {tol:.0e}; "
-                    f"largest term from tensor {worst!r} (a wrong custom backward in this branch?)."
-                )
+
+def _layer_call(plan, i: int):
+    def run(xs, moved):  # its halves and its log-det
+        y1, y2, logdet = _layer._call(plan, i, "forward", xs[0], xs[1], moved, _branch.Watch.NONE)
+        return y1, y2, _layer.logdet_term(plan, logdet, xs[0])
+
+    return run
+
+
+def _check_unit_by_finite_differences(where, plan, tensors, i, name, branch, xs_in, run, probe, eps, tol) -> None:
+    """One branch's (or layer's) vjp against float64 central differences at its input ``xs_in``."""
+    # each floating slot once (a tensor tied under two names is one input)
+    diff = list({j: (n, j) for n, j in plan.binds[i][branch].params if tensors[j].is_floating_point()}.values())
+    with torch.no_grad():  # the output's parts and shapes (a pair for affine)
+        shapes = [p.shape for p in run(xs_in, tensors)]
+    device = xs_in[0].device
+    r = [torch.randn(shape, generator=probe, dtype=torch.float64).to(device) for shape in shapes]
+
+    def project(out):
+        return sum((part.double() * w).sum() for part, w in zip(out, r))
+
+    def value(x_in, moved):
+        with torch.no_grad():
+            return float(project(run(x_in, moved)))
+
+    def with_slots(new):
+        moved = list(tensors)
+        for (_, j), t in zip(diff, new):
+            moved[j] = t
+        return moved
+
+    with torch.enable_grad():
+        xs = [x.detach().requires_grad_() for x in xs_in]
+        ps = [tensors[j].detach().requires_grad_() for _, j in diff]
+        out = run(xs, with_slots(ps))
+        g = torch.autograd.grad(project(out), [*xs, *ps], allow_unused=True, materialize_grads=True)
+    v = [torch.randn(t.shape, generator=probe, dtype=torch.float64).to(t.device) for t in (*xs, *ps)]
+    n = len(xs)
+    predicted = float(sum((a * u).sum() for a, u in zip(g, v)))
+    plus = value(
+        [x + eps * u for x, u in zip(xs_in, v)], with_slots([tensors[j] + eps * u for (_, j), u in zip(diff, v[n:])])
+    )
+    minus = value(
+        [x - eps * u for x, u in zip(xs_in, v)], with_slots([tensors[j] - eps * u for (_, j), u in zip(diff, v[n:])])
+    )
+    measured = (plus - minus) / (2 * eps)
+    err = abs(predicted - measured)
+    if err > tol * max(abs(measured), 1.0):
+        names = [*(["x"] if n == 1 else ["x1", "x2"]), *(k for k, _ in diff)]
+        worst = max(zip(names, g, v), key=lambda item: abs((item[1] * item[2]).sum().item()))[0]
+        coupled = "" if plan.layer(i) is not None else _coupled(plan, i, branch)
+        raise AssertionError(
+            f"{where}: block {i} {name}{coupled}: its gradient w.r.t. (input {'x' if n == 1 else 'x1, x2'}, "
+            "params) along a random "
+            f"direction ({predicted:.10g}) differs from float64 finite differences ({measured:.10g}): abs "
+            f"error {err:.3g}, rel error {err / max(abs(measured), 1e-300):.3g} > tolerance {tol:.0e}; "
+            f"largest term from tensor {worst!r} (a wrong custom backward in this {name.split()[0]}?)."
+        )
 
 
 def assert_logdet_matches(
@@ -386,7 +427,7 @@ def assert_logdet_matches(
             k: v.detach().double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in d.items()
         }
 
-    p64: Any = [(wide(fp), wide(gp)) for fp, gp in params]
+    p64: Any = [wide(entry) if isinstance(entry, dict) else (wide(entry[0]), wide(entry[1])) for entry in params]
     k64: Any = None if kwargs is None else [(wide(fk), wide(gk)) for fk, gk in kwargs]
     a, b = x1.detach().double(), x2.detach().double()
     with torch.no_grad():
