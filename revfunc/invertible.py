@@ -36,7 +36,7 @@ import torch
 
 from revfunc import _checks
 
-__all__ = ["Invertible", "permute", "lu_linear", "lu_linear_params", "actnorm", "actnorm_params"]
+__all__ = ["Invertible", "permute", "lu_linear", "lu_linear_params", "actnorm", "actnorm_params", "from_freia"]
 
 
 class Invertible:
@@ -319,3 +319,52 @@ def actnorm_params(x1: torch.Tensor, x2: torch.Tensor, dim: int = -1, eps: float
         x = torch.movedim(_join(x1, x2, dim), dim, -1).reshape(-1, 2 * x1.shape[dim])
         mean, std = x.mean(0), x.std(0, unbiased=False)
         return {"bias": -mean, "log_scale": -torch.log(std + eps)}
+
+
+def from_freia(inn) -> Tuple[list, list]:
+    """``(blocks, params)`` of a FrEIA ``SequenceINN`` of ``GLOWCouplingBlock`` and
+    ``PermuteRandom`` (FrEIA 0.2), with the same weights (its live tensors: training one
+    trains the other). Run it with ``coupling=revfunc.couplings.affine(clamp=module.clamp)``
+    on ``x.chunk(2, 1)``: the same ``z`` and log-det, at memory constant in depth.
+
+    The correspondence: GLOW's ``subnet2`` (of ``x2``, updating ``x1``) is ``f``, its
+    ``subnet1`` (of the new ``x1``, updating ``x2``) is ``g``; ``PermuteRandom`` is
+    :func:`permute` of its ``perm`` along the channel dimension.
+
+    Raises:
+        TypeError: a module of another kind, a conditional block, another clamp
+            activation, halves of unequal size, or unequal clamps (one ``affine`` serves all).
+    """
+    import revfunc
+
+    where = "revfunc.invertible.from_freia"
+    blocks: list = []
+    params: list = []
+    clamps = set()
+    ndims = len(inn.shapes[0]) if hasattr(inn, "shapes") else 1
+    for k, module in enumerate(inn.module_list):
+        kind = type(module).__name__
+        if kind == "GLOWCouplingBlock":
+            act = module.f_clamp
+            atan = getattr(act, "__code__", None) is not None and "atan" in act.__code__.co_names
+            if module.conditional or module.split_len1 != module.split_len2 or not atan:
+                raise TypeError(
+                    _checks.msg(
+                        where,
+                        f"module_list[{k}]",
+                        "an unconditional GLOWCouplingBlock with split_len=0.5 and clamp_activation='ATAN'",
+                        f"{kind}(conditional={module.conditional}, split {module.split_len1}/{module.split_len2})",
+                    )
+                )
+            clamps.add(module.clamp)
+            (f, fp), (g, gp) = revfunc.pure(module.subnet2), revfunc.pure(module.subnet1)
+            blocks.append((f, g))
+            params.append((fp, gp))
+        elif kind == "PermuteRandom":
+            blocks.append(permute(module.perm.detach(), dim=-ndims))
+            params.append({})
+        else:
+            raise TypeError(_checks.msg(where, f"module_list[{k}]", "a GLOWCouplingBlock or a PermuteRandom", kind))
+    if len(clamps) > 1:
+        raise TypeError(_checks.msg(where, "the GLOW blocks", "one clamp for all", repr(sorted(clamps))))
+    return blocks, params

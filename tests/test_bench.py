@@ -220,3 +220,15 @@ def test_gloo_workers_report_a_failing_rank_and_accept_a_teardown_abort(tmp_path
         r"\[-?\d+, 1\]",
     ):
         run_gloo_workers(_harness_worker, (str(tmp_path / "b"), "fails"), 2, str(tmp_path / "b"), 60, "w")
+
+
+def test_the_flow_benchmark_writes_its_table(tmp_path):
+    from revfunc.bench import flows
+
+    result = flows.main(
+        ["--depths", "1,2", "--batch", "64", "--hidden", "16", "--repeats", "1", "--out", str(tmp_path)]
+    )
+    assert [r["depth"] for r in result["rows"]] == [1, 2]
+    assert set(result["methods"]) == ({"freia", "plain", "revfunc"} if flows.have_freia() else {"plain", "revfunc"})
+    assert all(r["time"][m] > 0 for r in result["rows"] for m in result["methods"])
+    assert "| depth |" in (tmp_path / "flows.md").read_text()

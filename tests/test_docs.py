@@ -1,7 +1,8 @@
 """Figures in the docs are the benchmark's own output, embedded verbatim.
 
 ``python -m revfunc.bench --out docs/generated`` (and ``--drift``, and
-``python -m revfunc.bench.sharded --out docs/generated/sharded``) write ``*.json`` and
+``python -m revfunc.bench.sharded --out docs/generated/sharded``, ``python -m
+revfunc.bench.flows --out docs/generated/flows``) write ``*.json`` and
 ``*.md``; docs embed each ``*.md`` between ``<!-- generated: docs/generated/NAME.md -->``
 and ``<!-- end generated -->``. These tests fail when an embedded copy differs from the
 generated file, or when a generated file is not what the current renderer makes of its
@@ -46,6 +47,10 @@ def test_generated_file_is_the_renderer_output_of_its_json(md):
         from revfunc.bench import sharded
 
         render = sharded.render_markdown
+    elif "rows" in result and "methods" in result:
+        from revfunc.bench import flows
+
+        render = flows.render
     else:
         drift = "drift" in result or "coupling_drift" in result
         render = bench.render_drift_markdown if drift else bench.render_markdown

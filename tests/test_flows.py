@@ -283,15 +283,8 @@ def _freia_flow(depth, dims=8):
 
 def test_a_freia_glow_flow_rebuilt_in_revfunc_gives_the_same_numbers():
     inn = _freia_flow(depth=3)
-    blocks, params = [], []
-    for module in inn.module_list:  # the port: GLOW's subnet2 is f, subnet1 is g
-        if type(module).__name__ == "GLOWCouplingBlock":
-            (f, fp), (g, gp) = revfunc.pure(module.subnet2), revfunc.pure(module.subnet1)
-            blocks.append((f, g))
-            params.append((fp, gp))
-        else:
-            blocks.append(permute(module.perm))
-            params.append({})
+    blocks, params = revfunc.invertible.from_freia(inn)  # GLOW's subnet2 is f, subnet1 is g
+    assert [type(b) is tuple for b in blocks] == [True, False] * 3
     x = torch.randn(5, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     z, jac = inn(x)
     y1, y2, logdet = revfunc.reversible_sequence(blocks, params, x[:, :4], x[:, 4:], coupling=C, return_logdet=True)
