@@ -491,6 +491,7 @@ def update(plan: Plan, i: int, branch: int, x: torch.Tensor, h):
     c = plan.coupling(i, branch)
     if c is None:
         return x + h, None
+    h = c.prepared(h)
     y = c.forward(x, h)
     if not plan.logdet or c.logdet is None:
         return y, None
@@ -500,14 +501,15 @@ def update(plan: Plan, i: int, branch: int, x: torch.Tensor, h):
 def rebuild(plan: Plan, i: int, branch: int, y: torch.Tensor, h) -> torch.Tensor:
     """The half before block ``i``'s ``branch`` update: ``y - h`` when additive."""
     c = plan.coupling(i, branch)
-    return y - h if c is None else c.inverse(y, h)
+    return y - h if c is None else c.inverse(y, c.prepared(h))
 
 
 def _coupling_vjp(c, x, h, dy, dlogdet, event_dim: int, mode: str):
     """``(dx, dh parts)``: the vjp of ``y = c.forward(x, h)`` (and of its summed log-det,
-    when ``dlogdet`` is given) at ``(x, h)``. Elementwise and cheap: a few stream tensors.
-    ``mode`` as in :func:`vjp`: the autograd engine, recording with ``"graph"``, or
-    ``torch.func.vjp`` under a functorch level or ``torch.compile``."""
+    when ``dlogdet`` is given) at ``(x, h)``, ``h`` already prepared (``c.prepared``).
+    Elementwise and cheap: a few stream tensors. ``mode`` as in :func:`vjp`: the autograd
+    engine, recording with ``"graph"``, or ``torch.func.vjp`` under a functorch level or
+    ``torch.compile``."""
     with_logdet = dlogdet is not None and c.logdet is not None
 
     def run(xx, *hh):
@@ -539,15 +541,16 @@ def _coupling_vjp(c, x, h, dy, dlogdet, event_dim: int, mode: str):
 
 def _coupled_vjp(plan, i, branch, c, b, tensors, slots, x, cotangent, partner, mode, captures, exact, dlogdet):
     """:func:`vjp` for a non-additive update ``y = c(partner_x, fn(x))``: recompute the
-    branch, rebuild its half with ``c.inverse``, take the coupling's vjp (for the rebuilt
-    half and the branch output, including the log-det's cotangent), then the branch's."""
+    branch and its coupling's ``prepare`` (once: the inverse and the vjp share it), rebuild
+    its half with ``c.inverse``, take the coupling's vjp (for the rebuilt half and the
+    prepared output, including the log-det's cotangent), then the branch's."""
     fn = plan.blocks[i][branch]
     half = None if partner is None else partner.pop()
     if mode == "func":
 
         def run(diff, inp):
             params, kwargs = _bind_with(b, tensors, dict(zip(slots, diff)))
-            return _parts(replay(plan, i, branch, params, inp, kwargs))
+            return _parts(c.prepared(replay(plan, i, branch, params, inp, kwargs)))
 
         outs, pull = torch.func.vjp(run, tuple(tensors[j] for j in slots), x)
         h = _as_output(outs)
@@ -566,7 +569,7 @@ def _coupled_vjp(plan, i, branch, c, b, tensors, slots, x, cotangent, partner, m
         params, kwargs = _bind_with(b, tensors, replaced)
         outs = tuple(
             o.view_as(o) if o.grad_fn is None and o.requires_grad else o
-            for o in _parts(replay(plan, i, branch, params, xin, kwargs))
+            for o in _parts(c.prepared(replay(plan, i, branch, params, xin, kwargs)))
         )
         inputs = (xin, *(replaced.get(j, tensors[j]) for j in slots))
         del params, kwargs, replaced

@@ -9,6 +9,12 @@ A :class:`Coupling` is three pure functions of tensors shaped like ``x``:
   volume preserving, 0). Each update's Jacobian in ``x`` is diagonal (``h`` does not
   depend on ``x``), so the block's log-determinant is the sum of these terms.
 
+and optionally a fourth, ``prepare(h)``: what the three read from the branch output,
+computed once per update (``affine``: the soft-clamped ``s`` and ``t``), so that a forward
+runs it once for ``y`` and the log-det, and a backward once for the inverse and the vjp.
+With ``prepare`` set, ``forward``, ``inverse`` and ``logdet`` receive ``prepare(h)`` in
+place of ``h`` (:meth:`Coupling.prepared`).
+
 =====================  ==============================  ===================================  ==============
 coupling               forward                         inverse                              log-det
 =====================  ==============================  ===================================  ==============
@@ -56,6 +62,10 @@ class Coupling:
         divides: the inverse divides by this factor (``scaled``, ``momentum``): the
             reconstruction drift grows like ``1 / divides`` per update (see
             docs/numerics.md).
+        prepare: ``prepare(h)``, what ``forward``, ``inverse`` and ``logdet`` read from
+            the branch output, computed once per update and passed to them in place of
+            ``h``; ``None``: they read ``h`` itself. Differentiable: the backward
+            differentiates through it.
 
     Pure: every function it holds must be (no state, no in-place writes).
 
@@ -74,6 +84,7 @@ class Coupling:
     output: str = "any"
     dim: int = -1
     divides: Optional[float] = None
+    prepare: Optional[Callable[[Any], Any]] = None
 
     def __post_init__(self) -> None:
         where = "revfunc.couplings.Coupling"
@@ -82,12 +93,20 @@ class Coupling:
                 raise TypeError(
                     _checks.msg(where, arg, "a callable (x, h) -> tensor", _checks.describe(getattr(self, arg)))
                 )
-        if self.logdet is not None and not callable(self.logdet):
-            raise TypeError(
-                _checks.msg(where, "logdet", "None or a callable (x, h) -> tensor", _checks.describe(self.logdet))
-            )
+        optional = {
+            "logdet": "None or a callable (x, h) -> tensor",
+            "prepare": "None or a callable h -> what forward, inverse and logdet read",
+        }
+        for arg, expected in optional.items():
+            if getattr(self, arg) is not None and not callable(getattr(self, arg)):
+                raise TypeError(_checks.msg(where, arg, expected, _checks.describe(getattr(self, arg))))
         if self.output not in ("tensor", "pair", "any"):
             raise ValueError(_checks.msg(where, "output", "'tensor', 'pair' or 'any'", repr(self.output)))
+
+    def prepared(self, h: Any) -> Any:
+        """What ``forward``, ``inverse`` and ``logdet`` take for the branch output ``h``:
+        ``prepare(h)``, or ``h`` itself without ``prepare``."""
+        return h if self.prepare is None else self.prepare(h)
 
     @property
     def is_additive(self) -> bool:
@@ -195,7 +214,9 @@ def momentum(gamma: float) -> Coupling:
 def affine(clamp: Optional[float] = 2.0, dim: int = -1) -> Coupling:
     """``y = x * exp(s) + t`` with ``h = (s_raw, t)`` and ``s = clamp * 0.636 * atan(s_raw)``
     (RealNVP, Glow; FrEIA's ``GLOWCouplingBlock`` soft clamp, so a ported flow computes the
-    same numbers); inverse ``(y - t) * exp(-s)``; log-det ``s``.
+    same numbers); inverse ``(y - t) * exp(-s)``; log-det ``s``. Its ``prepare`` computes
+    ``(s, t)`` from ``h`` once per update (one ``atan``), and ``forward``, ``inverse`` and
+    ``logdet`` read that pair.
 
     Args:
         clamp: the soft clamp (``|s| < clamp``), or ``None`` for ``s = s_raw``.
@@ -206,7 +227,8 @@ def affine(clamp: Optional[float] = 2.0, dim: int = -1) -> Coupling:
         >>> import torch
         >>> c = affine(clamp=None)
         >>> x, h = torch.ones(2), (torch.zeros(2), torch.ones(2))
-        >>> c.forward(x, h).tolist(), c.logdet(x, h).tolist()
+        >>> st = c.prepared(h)
+        >>> c.forward(x, st).tolist(), c.logdet(x, st).tolist()
         ([2.0, 2.0], [0.0, 0.0])
     """
     where = "revfunc.couplings.affine"
@@ -218,22 +240,23 @@ def affine(clamp: Optional[float] = 2.0, dim: int = -1) -> Coupling:
         raise TypeError(_checks.msg(where, "dim", "an int", _checks.describe(dim)))
     factor = None if clamp is None else clamp * 0.636
 
-    def parts(h):
+    def prepare(h):
         s_raw, t = h if isinstance(h, (tuple, list)) else h.chunk(2, dim=dim)
         return (s_raw if factor is None else factor * torch.atan(s_raw)), t
 
-    def forward(x, h):
-        s, t = parts(h)
+    def forward(x, st):
+        s, t = st
         return x * torch.exp(s) + t
 
-    def inverse(y, h):
-        s, t = parts(h)
+    def inverse(y, st):
+        s, t = st
         return (y - t) * torch.exp(-s)
 
-    def logdet(x, h):
-        return parts(h)[0]
+    def logdet(x, st):
+        return st[0]
 
-    return Coupling(forward, inverse, logdet, name=f"affine(clamp={clamp!r}, dim={dim})", output="pair", dim=dim)
+    name = f"affine(clamp={clamp!r}, dim={dim})"
+    return Coupling(forward, inverse, logdet, name=name, output="pair", dim=dim, prepare=prepare)
 
 
 def per_block(where: str, coupling: Any, depth: int) -> Optional[Tuple[Tuple[Coupling, Coupling], ...]]:

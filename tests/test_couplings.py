@@ -34,6 +34,20 @@ def _cubic_inverse(y, h):
 CUSTOM = Coupling(_cubic, _cubic_inverse, lambda x, h: torch.log1p(x**2), name="cubic()", output="tensor")
 
 
+def _scale_shift(h):  # a user's prepare: h (twice x's width) -> (a > 0, t), once per update
+    return torch.nn.functional.softplus(h[..., :D]) + 0.5, h[..., D:]
+
+
+PREPARED = Coupling(
+    lambda x, at: x * at[0] + at[1],
+    lambda y, at: (y - at[1]) / at[0],
+    lambda x, at: torch.log(at[0]),
+    name="scale_shift()",
+    output="pair",
+    prepare=_scale_shift,
+)
+
+
 def hand_update(name, x, h):
     """``(y, elementwise log|dy/dx|)`` for each coupling, written out independently."""
     if name == "additive":
@@ -51,6 +65,9 @@ def hand_update(name, x, h):
         return x * torch.exp(s) + h[1], s
     if name == "custom":
         return x + x**3 / 3 + h, torch.log1p(x**2)
+    if name == "prepared":
+        a = torch.log1p(torch.exp(h[..., :D])) + 0.5
+        return x * a + h[..., D:], torch.log(a)
     raise ValueError(name)
 
 
@@ -61,6 +78,7 @@ COUPLINGS = {
     "affine": affine(),
     "affine_pair": affine(clamp=1.5),
     "custom": CUSTOM,
+    "prepared": PREPARED,
 }
 
 
@@ -75,7 +93,7 @@ def pair_branch(p, x):  # affine's (s_raw, t) as a pair
 
 def make(name, depth=DEPTH, seed=0):
     gen = torch.Generator().manual_seed(seed)
-    width = 2 * D if name.startswith("affine") else D
+    width = 2 * D if name.startswith("affine") or name == "prepared" else D
 
     def p():
         return {
