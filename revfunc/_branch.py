@@ -528,7 +528,10 @@ def _coupling_vjp(c, x, h, dy, dlogdet, event_dim: int, mode: str):
     with torch.enable_grad():
 
         def leaf(t):
-            return t if mode == "graph" and t.requires_grad else t.detach().requires_grad_()
+            # Recording: a fresh view, so that the vjp in ``h`` is the partial one (``x``
+            # is the rebuilt half, itself computed from ``h``: through ``t`` itself the
+            # engine would add that path). Otherwise a detached leaf.
+            return t.view_as(t) if mode == "graph" and t.requires_grad else t.detach().requires_grad_()
 
         xx, hh = leaf(x), tuple(leaf(t) for t in parts)
         live = [(o, g) for o, g in zip(run(xx, *hh), cotangents) if o.requires_grad]  # a constant log-det is not

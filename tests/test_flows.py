@@ -34,7 +34,10 @@ def _shear_inverse(p, y1, y2):
 shear = Invertible(_shear_forward, _shear_inverse, name="shear")
 
 
-def make(depth=2, seed=0):
+PERMS: dict = {}  # permute layer -> the permutation it was built from
+
+
+def flow(depth=3, seed=0):
     """Coupling, shear, coupling, permute, coupling, lu_linear, ...: every kind of block."""
     g = torch.Generator().manual_seed(seed)
 
@@ -50,7 +53,9 @@ def make(depth=2, seed=0):
             blocks.append(shear)
             params.append({"a": t(D), "b": t(D)})
         elif kind == 1:
-            blocks.append(permute(torch.randperm(2 * D, generator=g)))
+            perm = torch.randperm(2 * D, generator=g)
+            blocks.append(permute(perm))
+            PERMS[blocks[-1]] = perm  # what the hand-written flow indexes with
             params.append({})
         else:
             blocks.append(lu_linear())
@@ -92,24 +97,6 @@ def hand_flow(blocks, params, x1, x2):
     return x1, x2, logdet
 
 
-PERMS: dict = {}
-
-
-def _perm_of(layer):
-    """The permutation a ``permute`` layer applies, read back by running it on the identity."""
-    eye = torch.arange(2 * D, dtype=torch.float64)[None]
-    y1, y2, _ = layer.forward({}, eye[:, :D], eye[:, D:])
-    return torch.cat([y1, y2], -1)[0].long()
-
-
-def flow(depth=3, seed=0):
-    blocks, params, x1, x2 = make(depth, seed)
-    for b in blocks:
-        if isinstance(b, Invertible) and b.name.startswith("permute"):
-            PERMS[b] = _perm_of(b)
-    return blocks, params, x1, x2
-
-
 def nll(y1, y2, logdet):
     return 0.5 * ((y1**2).sum() + (y2**2).sum()) - logdet.sum() + 0.1 * torch.sin(y2).sum()
 
@@ -138,6 +125,42 @@ def test_outputs_and_logdet_equal_the_hand_written_flow():
     for fn in (revfunc.reversible_sequence, revfunc.sequential_sequence):
         got = fn(blocks, params, x1, x2, coupling=C, return_logdet=True)
         assert_all_close(list(got), list(want), rtol=RTOL, atol=ATOL)
+
+
+def test_create_graph_gradients_and_their_gradients():
+    # The recorded backward through couplings and layers: first-order gradients, then the
+    # gradient of their squared norm.
+    blocks, params, x1, x2 = flow()
+    wrt = [x1, x2, *leaves(params)]
+
+    def first_and_second(out):
+        grads = torch.autograd.grad(nll(*out), wrt, create_graph=True)
+        return [*grads, *torch.autograd.grad(sum((g**2).sum() for g in grads), wrt)]
+
+    want = first_and_second(hand_flow(blocks, params, x1, x2))
+    got = first_and_second(revfunc.reversible_sequence(blocks, params, x1, x2, coupling=C, return_logdet=True))
+    assert_all_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("context", ["save_on_cpu", "checkpoint_around", "saved_tensors_hooks"], ids=lambda c: c)
+def test_gradients_inside_the_contexts_users_wrap_around_models(context):
+    blocks, params, x1, x2 = flow()
+    inputs = [x1, x2, *leaves(params)]
+    want = torch.autograd.grad(nll(*hand_flow(blocks, params, x1, x2)), inputs)
+
+    def model(a, b):
+        return revfunc.reversible_sequence(blocks, params, a, b, coupling=C, return_logdet=True)
+
+    if context == "save_on_cpu":
+        with torch.autograd.graph.save_on_cpu():
+            out = model(x1, x2)
+    elif context == "checkpoint_around":
+        out = torch.utils.checkpoint.checkpoint(model, x1, x2, use_reentrant=False)
+    else:  # hooks that hand back new tensor objects: nothing may depend on identity
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+            out = model(x1, x2)
+    got = torch.autograd.grad(nll(*out), inputs)
+    assert_all_close(list(got), list(want), rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.parametrize("checkpoint_every", [None, 2])
