@@ -511,6 +511,13 @@ def _coupling_vjp(c, x, h, dy, dlogdet, event_dim: int, mode: str):
     engine, recording with ``"graph"``, or ``torch.func.vjp`` under a functorch level or
     ``torch.compile``."""
     with_logdet = dlogdet is not None and c.logdet is not None
+    if c.vjp is not None:  # the coupling's closed form: no recomputation of forward
+        dterm = None
+        if with_logdet:
+            dterm = dlogdet.to(x.dtype).reshape(dlogdet.shape + (1,) * event_dim).expand_as(x)
+        dx, dh = c.vjp(x, h, dy.to(x.dtype), dterm)
+        dh = tuple(g if g.shape == t.shape else g.sum_to_size(t.shape) for g, t in zip(_parts(dh), _parts(h)))
+        return dx, dh
 
     def run(xx, *hh):
         h_in = _as_output(hh)

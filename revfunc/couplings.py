@@ -13,7 +13,9 @@ and optionally a fourth, ``prepare(h)``: what the three read from the branch out
 computed once per update (``affine``: the soft-clamped ``s`` and ``t``), so that a forward
 runs it once for ``y`` and the log-det, and a backward once for the inverse and the vjp.
 With ``prepare`` set, ``forward``, ``inverse`` and ``logdet`` receive ``prepare(h)`` in
-place of ``h`` (:meth:`Coupling.prepared`).
+place of ``h`` (:meth:`Coupling.prepared`). And optionally a fifth, ``vjp``: the closed-form
+pullback of ``forward`` and ``logdet``, which the backward then uses in place of autograd
+on a recomputed ``forward`` (every built-in has one).
 
 =====================  ==============================  ===================================  ==============
 coupling               forward                         inverse                              log-det
@@ -66,6 +68,14 @@ class Coupling:
             the branch output, computed once per update and passed to them in place of
             ``h``; ``None``: they read ``h`` itself. Differentiable: the backward
             differentiates through it.
+        vjp: ``vjp(x, p, dy, dterm) -> (dx, dp)``, the pullback at ``(x, p)`` (``p``
+            prepared) of ``y = forward(x, p)`` for the cotangent ``dy``, and of the
+            elementwise log-det for ``dterm`` (its cotangent, broadcast to ``x``'s
+            shape; ``None``: no log-det cotangent). ``dp`` has ``p``'s structure (a
+            part broadcast against ``x`` may come back at ``x``'s shape: it is summed
+            back). ``None``: autograd differentiates ``forward`` and ``logdet``. Pure;
+            recorded like any op under ``create_graph``. ``revfunc.testing`` and the
+            tests check each built-in's against autograd.
 
     Pure: every function it holds must be (no state, no in-place writes).
 
@@ -85,6 +95,7 @@ class Coupling:
     dim: int = -1
     divides: Optional[float] = None
     prepare: Optional[Callable[[Any], Any]] = None
+    vjp: Optional[Callable[[torch.Tensor, Any, torch.Tensor, Optional[torch.Tensor]], Tuple[torch.Tensor, Any]]] = None
 
     def __post_init__(self) -> None:
         where = "revfunc.couplings.Coupling"
@@ -96,6 +107,7 @@ class Coupling:
         optional = {
             "logdet": "None or a callable (x, h) -> tensor",
             "prepare": "None or a callable h -> what forward, inverse and logdet read",
+            "vjp": "None or a callable (x, p, dy, dterm) -> (dx, dp)",
         }
         for arg, expected in optional.items():
             if getattr(self, arg) is not None and not callable(getattr(self, arg)):
@@ -180,7 +192,10 @@ def scaled(a: float) -> Coupling:
     def logdet(x, h):
         return torch.full((), log_a, dtype=x.dtype, device=x.device)
 
-    return Coupling(forward, inverse, logdet, name=f"scaled({a!r})", output="tensor", divides=abs(a))
+    def vjp(x, h, dy, dterm):
+        return a * dy, dy
+
+    return Coupling(forward, inverse, logdet, name=f"scaled({a!r})", output="tensor", divides=abs(a), vjp=vjp)
 
 
 def momentum(gamma: float) -> Coupling:
@@ -208,7 +223,11 @@ def momentum(gamma: float) -> Coupling:
     def logdet(x, h):
         return torch.full((), log_gamma, dtype=x.dtype, device=x.device)
 
-    return Coupling(forward, inverse, logdet, name=f"momentum({gamma!r})", output="tensor", divides=gamma)
+    def vjp(x, h, dy, dterm):
+        return gamma * dy, rest * dy
+
+    name = f"momentum({gamma!r})"
+    return Coupling(forward, inverse, logdet, name=name, output="tensor", divides=gamma, vjp=vjp)
 
 
 def affine(clamp: Optional[float] = 2.0, dim: int = -1) -> Coupling:
@@ -255,8 +274,13 @@ def affine(clamp: Optional[float] = 2.0, dim: int = -1) -> Coupling:
     def logdet(x, st):
         return st[0]
 
+    def vjp(x, st, dy, dterm):  # dy/dx = exp(s), dy/ds = x exp(s), dy/dt = 1; d logdet/ds = 1
+        scale = torch.exp(st[0])
+        ds = dy * x * scale
+        return dy * scale, (ds if dterm is None else ds + dterm, dy)
+
     name = f"affine(clamp={clamp!r}, dim={dim})"
-    return Coupling(forward, inverse, logdet, name=name, output="pair", dim=dim, prepare=prepare)
+    return Coupling(forward, inverse, logdet, name=name, output="pair", dim=dim, prepare=prepare, vjp=vjp)
 
 
 def per_block(where: str, coupling: Any, depth: int) -> Optional[Tuple[Tuple[Coupling, Coupling], ...]]:
