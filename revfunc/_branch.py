@@ -238,7 +238,6 @@ def replay(plan: Plan, i: int, branch: int, params, x, kwargs):
     between forward and backward must not change what is recomputed), inside the
     recomputation context of ``context_fn`` when the forward saved op outputs."""
     fn, seed, mode = plan.blocks[i][branch], plan.seed(i, branch), plan.mode(i, branch)
-    device_type, dtype, enabled = plan.autocast
     cached = None if plan.contexts is None else plan.contexts.take(i, branch)
     switched = []
     if mode is not None:
@@ -248,13 +247,19 @@ def replay(plan: Plan, i: int, branch: int, params, x, kwargs):
                 switched.append(module)
     try:
         with contextlib.nullcontext() if cached is None else cached:  # the forward's saved op outputs
-            if not enabled and not torch.is_autocast_enabled(device_type):
-                return call_branch(fn, params, x, kwargs, seed)  # already the forward's state
-            with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-                return call_branch(fn, params, x, kwargs, seed)
+            return in_forward_autocast(plan, lambda: call_branch(fn, params, x, kwargs, seed))
     finally:
         for module in switched:
             module.training = not module.training
+
+
+def in_forward_autocast(plan: Plan, run):
+    """``run()`` under the forward's autocast state (as is when that is already the state)."""
+    device_type, dtype, enabled = plan.autocast
+    if not enabled and not torch.is_autocast_enabled(device_type):
+        return run()
+    with torch.autocast(device_type, dtype=dtype, enabled=enabled):
+        return run()
 
 
 def _diff_slots(b: Bind, tensors: Sequence[torch.Tensor], needs: Sequence[bool]):

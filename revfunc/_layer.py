@@ -31,6 +31,7 @@ from revfunc._branch import (
     _differentiated,
     _watched,
     check_captures,
+    in_forward_autocast,
     rng_states,
     same_states,
 )
@@ -134,14 +135,8 @@ def backward(
 
 def _replay(plan: Plan, i: int, params, a: torch.Tensor, b: torch.Tensor, kwargs):
     """The layer's forward recomputed under the forward's autocast state."""
-    device_type, dtype, enabled = plan.autocast
     fn = plan.blocks[i].forward
-    if not enabled and not torch.is_autocast_enabled(device_type):
-        out = _run(plan, i, fn, params, a, b, kwargs)
-    else:
-        with torch.autocast(device_type, dtype=dtype, enabled=enabled):
-            out = _run(plan, i, fn, params, a, b, kwargs)
-    y1, y2, logdet = out
+    y1, y2, logdet = in_forward_autocast(plan, lambda: _run(plan, i, fn, params, a, b, kwargs))
     return (y1, y2, logdet_term(plan, logdet, a)) if plan.logdet else (y1, y2)
 
 

@@ -180,8 +180,9 @@ def validate(where, blocks, params, x1, x2, kwargs, generator, names=("x1", "x2"
     """Every argument check a stack call makes before any computation."""
     _checks.check_blocks(where, blocks, params)
     _checks.check_stream_pair(where, x1, x2, names)
-    _checks.check_params_device(where, param_pairs(blocks, params), x1.device, _layer_indices(blocks))
-    _checks.check_kwargs(where, kwargs, len(blocks), _layer_indices(blocks))
+    layers = _layer_indices(blocks)
+    _checks.check_params_device(where, param_pairs(blocks, params), x1.device, layers)
+    _checks.check_kwargs(where, kwargs, len(blocks), layers)
     _checks.check_generator(where, generator, x1.device)
 
 

@@ -173,13 +173,20 @@ def _positions(x1: torch.Tensor, dim: int, event_dim: int) -> int:
     return math.prod(event) // event[dim] if event[dim] else 0
 
 
-def _lu_weight(params: Dict[str, torch.Tensor]) -> torch.Tensor:
-    """``W = P L U`` with ``L`` unit lower triangular and ``U = triu(upper, 1) + diag(sign * exp(log_scale))``."""
-    lower, upper, log_scale = params["lower"], params["upper"], params["log_scale"]
-    eye = torch.eye(lower.shape[-1], dtype=lower.dtype, device=lower.device)
+def _lu_factors(params: Dict[str, torch.Tensor], dtype: torch.dtype):
+    """``(P, L, U)`` in ``dtype``: ``L`` unit lower triangular, ``U = triu(upper, 1) +
+    diag(sign * exp(log_scale))``."""
+    lower, upper = params["lower"].to(dtype), params["upper"].to(dtype)
+    eye = torch.eye(lower.shape[-1], dtype=dtype, device=lower.device)
     L = torch.tril(lower, -1) + eye
-    U = torch.triu(upper, 1) + torch.diag_embed(params["sign"] * torch.exp(log_scale))
-    return params["permutation"] @ L @ U
+    U = torch.triu(upper, 1) + torch.diag_embed((params["sign"] * torch.exp(params["log_scale"])).to(dtype))
+    return params["permutation"].to(dtype), L, U
+
+
+def _lu_weight(params: Dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    """``W = P L U`` (:func:`_lu_factors`)."""
+    P, L, U = _lu_factors(params, dtype)
+    return P @ L @ U
 
 
 def _lu_check(where: str, params: Dict[str, torch.Tensor], x1: torch.Tensor, dim: int) -> None:
@@ -225,7 +232,7 @@ def lu_linear(dim: int = -1, event_dim: int = 1) -> Invertible:
 
     def forward(params, x1, x2):
         _lu_check(where, params, x1, dim)
-        w = _lu_weight(params).to(x1.dtype)
+        w = _lu_weight(params, x1.dtype)
         y = torch.movedim(torch.movedim(_join(x1, x2, dim), dim, -1) @ w.mT, -1, dim)
         y1, y2 = _split(y, dim)
         return y1, y2, params["log_scale"].sum().to(x1.dtype) * _positions(x1, dim, event_dim)
@@ -233,12 +240,9 @@ def lu_linear(dim: int = -1, event_dim: int = 1) -> Invertible:
     def inverse(params, y1, y2):
         _lu_check(where, params, y1, dim)
         y = torch.movedim(_join(y1, y2, dim), dim, -1)  # (..., C): rows are positions
-        lower, upper = params["lower"].to(y.dtype), params["upper"].to(y.dtype)
-        eye = torch.eye(lower.shape[-1], dtype=y.dtype, device=y.device)
-        L = torch.tril(lower, -1) + eye
-        U = torch.triu(upper, 1) + torch.diag_embed((params["sign"] * torch.exp(params["log_scale"])).to(y.dtype))
+        P, L, U = _lu_factors(params, y.dtype)
         shape = y.shape
-        rows = (y.reshape(-1, shape[-1]) @ params["permutation"].to(y.dtype)).mT  # P^T y per position: (C, N)
+        rows = (y.reshape(-1, shape[-1]) @ P).mT  # P^T y per position: (C, N)
         a = torch.linalg.solve_triangular(L, rows, upper=False, unitriangular=True)
         x = torch.linalg.solve_triangular(U, a, upper=True)
         return _split(torch.movedim(x.mT.reshape(shape), -1, dim), dim)

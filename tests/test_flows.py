@@ -6,6 +6,8 @@ with the same weights; refusals naming the block."""
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 from helpers import assert_all_close
@@ -230,6 +232,15 @@ def test_sampling_with_the_inverse_and_the_property_tests():
     revfunc.testing.assert_logdet_matches(blocks, detached(params), x1, x2, coupling=C)
 
 
+def test_the_property_tests_take_a_layer_params_mapping_that_is_not_a_dict():
+    # A layer's entry in params is any Mapping, not only a dict.
+    blocks, params, x1, x2 = flow()
+    i = next(k for k, b in enumerate(blocks) if b is shear)
+    params[i] = types.MappingProxyType(params[i])
+    revfunc.testing.assert_gradients_match(blocks, params, x1, x2, coupling=C)
+    revfunc.testing.assert_logdet_matches(blocks, params, x1, x2, coupling=C)
+
+
 def test_a_wrong_layer_inverse_fails_the_property_test_naming_the_block():
     bad = Invertible(_shear_forward, lambda p, y1, y2: (y1, y2), name="bad")
     blocks, params, x1, x2 = flow()
@@ -257,13 +268,13 @@ def test_the_lu_map_logdet_inverse_and_gradients():
 
     jac = torch.func.jacrev(whole)(torch.cat([x1, x2], 1)[0].reshape(-1))
     torch.testing.assert_close(logdet.detach(), torch.linalg.slogdet(jac)[1], rtol=RTOL, atol=ATOL)
-    w = revfunc.invertible._lu_weight(p)
-    torch.testing.assert_close(p["log_scale"].sum(), torch.linalg.slogdet(w)[1], rtol=RTOL, atol=ATOL)
+    # the explicit matrix W = P L U, written out by hand
+    w_ref = p["permutation"] @ (torch.tril(p["lower"], -1) + torch.eye(6, dtype=torch.float64))
+    w_ref = w_ref @ (torch.triu(p["upper"], 1) + torch.diag(p["sign"] * torch.exp(p["log_scale"])))
+    torch.testing.assert_close(p["log_scale"].sum(), torch.linalg.slogdet(w_ref)[1], rtol=RTOL, atol=ATOL)
     back = layer.inverse(p, y1, y2)
     assert_all_close(list(back), [x1, x2], rtol=1e-10, atol=1e-12)
     # gradients through it, against the explicit matrix in plain autograd
-    w_ref = p["permutation"] @ (torch.tril(p["lower"], -1) + torch.eye(6, dtype=torch.float64))
-    w_ref = w_ref @ (torch.triu(p["upper"], 1) + torch.diag(p["sign"] * torch.exp(p["log_scale"])))
     ref = torch.einsum("oc,bchw->bohw", w_ref, torch.cat([x1, x2], 1))
     keys = ("lower", "upper", "log_scale")
     want = torch.autograd.grad((ref**3).sum() + 0.5 * 20 * p["log_scale"].sum(), [p[k] for k in keys])

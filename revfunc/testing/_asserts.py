@@ -135,7 +135,7 @@ def _named_leaves(
     names, tensors, seen = [], [], set()
     for label, pairs in (("params", param_pairs(blocks, params)), ("kwargs", kwargs or ())):
         for i, pair in enumerate(pairs):
-            for branch, d in zip(("layer", "") if isinstance(params[i], dict) else "fg", pair):
+            for branch, d in zip(("layer", "") if isinstance(blocks[i], Invertible) else "fg", pair):
                 for key, t in d.items():
                     if isinstance(t, torch.Tensor) and t.is_floating_point() and id(t) not in seen:
                         seen.add(id(t))
@@ -144,8 +144,17 @@ def _named_leaves(
     return names, tensors
 
 
+def _map_params(blocks: Blocks, params: BlockParams, fn) -> List[Any]:
+    """``params`` with ``fn`` applied to each dict: a layer's one, a pair's two."""
+    return [fn(p) if isinstance(b, Invertible) else (fn(p[0]), fn(p[1])) for b, p in zip(blocks, params)]
+
+
 def _replace(
-    params: BlockParams, kwargs: Optional[BlockKwargs], old: Sequence[torch.Tensor], new: Sequence[torch.Tensor]
+    blocks: Blocks,
+    params: BlockParams,
+    kwargs: Optional[BlockKwargs],
+    old: Sequence[torch.Tensor],
+    new: Sequence[torch.Tensor],
 ):
     """``params``/``kwargs`` with each tensor of ``old`` (by identity) swapped for ``new``."""
     swap = {id(o): n for o, n in zip(old, new)}
@@ -153,9 +162,8 @@ def _replace(
     def sub(d):
         return {k: swap.get(id(v), v) if isinstance(v, torch.Tensor) else v for k, v in d.items()}
 
-    new_params = [sub(entry) if isinstance(entry, dict) else (sub(entry[0]), sub(entry[1])) for entry in params]
     new_kwargs = None if kwargs is None else [(sub(fk), sub(gk)) for fk, gk in kwargs]
-    return new_params, new_kwargs
+    return _map_params(blocks, params, sub), new_kwargs
 
 
 def assert_gradients_match(
@@ -223,7 +231,7 @@ def assert_gradients_match(
     def grads(fn, base, p, k):
         """Gradients of ``<y1, r1> + <y2, r2> [+ <logdet, r3>]`` w.r.t. ``base`` = [x1, x2, *leaves]."""
         xs = [t.detach().requires_grad_() for t in base]
-        p, k = _replace(p, k, base[2:], xs[2:])
+        p, k = _replace(blocks, p, k, base[2:], xs[2:])
         restore()
         out = fn(blocks, p, xs[0], xs[1], kwargs=k, generator=generator, coupling=coupling, return_logdet=with_logdet)
         return torch.autograd.grad(projected(*out), xs, allow_unused=True, materialize_grads=True)
@@ -241,7 +249,7 @@ def assert_gradients_match(
 
     # Independent checks: float64 finite differences, block by block, then end to end.
     base64 = [t.detach().double() for t in base]
-    p64, k64 = _replace(params, kwargs, leaves, base64[2:])
+    p64, k64 = _replace(blocks, params, kwargs, leaves, base64[2:])
     restore()
     _check_blocks_by_finite_differences(
         where, blocks, p64, base64[0], base64[1], k64, generator, probe, restore, coupling=coupling
@@ -254,7 +262,7 @@ def assert_gradients_match(
 
         def shifted(sign, v=v):  # this direction's v
             moved = [t + sign * eps * u for t, u in zip(base64, v)]
-            p, k = _replace(p64, k64, base64[2:], moved[2:])
+            p, k = _replace(blocks, p64, k64, base64[2:], moved[2:])
             restore()
             with torch.no_grad():  # the seeds a gradient-taking call draws
                 out = run_sequential(
@@ -427,7 +435,7 @@ def assert_logdet_matches(
             k: v.detach().double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in d.items()
         }
 
-    p64: Any = [wide(entry) if isinstance(entry, dict) else (wide(entry[0]), wide(entry[1])) for entry in params]
+    p64: Any = _map_params(blocks, params, wide)
     k64: Any = None if kwargs is None else [(wide(fk), wide(gk)) for fk, gk in kwargs]
     a, b = x1.detach().double(), x2.detach().double()
     with torch.no_grad():
