@@ -403,10 +403,7 @@ def _autograd_vjp(plan, i, branch, b, tensors, slots, x, cotangent, partner, cre
         except RuntimeError as error:
             if _REENTRANT_ERROR not in str(error):
                 raise
-            try:
-                _REENTRANT.add(fn)  # from now on directly
-            except TypeError:  # not weak-referenceable: found out again each call
-                pass
+            _mark_reentrant(fn)
             # This graph is spent: recompute on aliases.
             del root, inputs
             _, grads_by_slot, gx, _ = _vjp_into_aliases(
@@ -417,13 +414,16 @@ def _autograd_vjp(plan, i, branch, b, tensors, slots, x, cotangent, partner, cre
     return rebuilt, {j: g for j, g in zip(slots, grads[1:]) if g is not None}, gx, None
 
 
-def _differentiated(tensors, slots, x, create_graph: bool):
+def _differentiated(tensors, slots, x, create_graph: bool, into_aliases: bool = False):
     """``(replaced, xin)``: what a recomputation differentiates in place of the caller's
     tensors (see :func:`_autograd_vjp`), under grad mode. With ``create_graph``, a
     differentiable alias of a tensor that requires grad: the engine captures the gradient
     there and never walks on into the caller's graph (which leads back into this
     Function); otherwise a fresh leaf where the caller's tensor does not require grad, has
-    tensor hooks (they would fire twice) or is not a leaf. ``xin``: the branch input."""
+    tensor hooks (they would fire twice) or is not a leaf; ``into_aliases``: a fresh leaf
+    for every one (see :func:`pull`). ``xin``: the branch input."""
+    if into_aliases:
+        return {j: tensors[j].detach().requires_grad_() for j in slots}, x.detach().requires_grad_()
     replaced = {}
     for j in slots:
         t = tensors[j]
@@ -433,6 +433,25 @@ def _differentiated(tensors, slots, x, create_graph: bool):
             replaced[j] = t.detach().requires_grad_()
     xin = x.view_as(x) if create_graph and x.requires_grad else x.detach().requires_grad_()
     return replaced, xin
+
+
+def _mark_reentrant(fn) -> None:
+    """From now on, recompute ``fn`` on aliases directly (see :func:`_vjp_into_aliases`)."""
+    try:
+        _REENTRANT.add(fn)
+    except TypeError:  # not weak-referenceable: found out again each call
+        pass
+
+
+def _grads_into_aliases(live: list, aliases: Sequence[torch.Tensor]) -> List[Any]:
+    """The engine without ``inputs=`` (what a reentrant checkpoint inside accepts) from
+    ``live``, ``[(output, cotangent)]`` (emptied here), read off the fresh leaf ``aliases``'
+    ``.grad`` (``None`` where unused)."""
+    roots = tuple(torch.autograd.graph.get_gradient_edge(o) for o, _ in live)
+    cotangents = tuple(g for _, g in live)
+    live.clear()
+    _engine_run_backward(roots, cotangents, False, False, (), True, True)
+    return [t.grad for t in aliases]
 
 
 def _is_reentrant(fn) -> bool:
@@ -449,8 +468,7 @@ def _vjp_into_aliases(plan, i, branch, b, tensors, slots, x, cotangent, partner,
     aliases' ``.grad`` only (the capture check first refuses any other leaf the graph
     reaches), so the caller's ``.grad`` is never written."""
     with torch.enable_grad():
-        replaced = {j: tensors[j].detach().requires_grad_() for j in slots}
-        xin = x.detach().requires_grad_()
+        replaced, xin = _differentiated(tensors, slots, x, False, into_aliases=True)
         params, kwargs = _bind_with(b, tensors, replaced)
         out = replay(plan, i, branch, params, xin, kwargs)
         inputs = (xin, *(replaced[j] for j in slots))
@@ -458,13 +476,9 @@ def _vjp_into_aliases(plan, i, branch, b, tensors, slots, x, cotangent, partner,
     if captures and out.grad_fn is not None:
         check_captures(plan, i, branch, plan.blocks[i][branch], out, inputs)
     rebuilt = None if partner is None else partner.pop() - out.detach()
-    if cotangent.dtype != out.dtype:
-        cotangent = cotangent.to(out.dtype)
-    if out.grad_fn is not None:
-        root = torch.autograd.graph.get_gradient_edge(out)
-        del out
-        _engine_run_backward((root,), (cotangent,), False, False, (), True, True)
-    grads = [t.grad for t in inputs]
+    live = [] if out.grad_fn is None else [(out, cotangent.to(out.dtype))]
+    del out
+    grads = _grads_into_aliases(live, inputs)
     gx = torch.zeros_like(x) if grads[0] is None else grads[0]
     return rebuilt, {j: g for j, g in zip(slots, grads[1:]) if g is not None}, gx, None
 
@@ -534,8 +548,8 @@ def _coupling_vjp(c, x, h, dy, dlogdet, event_dim: int, mode: str):
     parts = _parts(h)
     cotangents = (dy.to(x.dtype),) if not with_logdet else (dy.to(x.dtype), dlogdet.to(x.dtype))
     if mode == "func":
-        pull = torch.func.vjp(run, x, *parts)[1]
-        grads = pull(cotangents)
+        pullback = torch.func.vjp(run, x, *parts)[1]
+        grads = pullback(cotangents)
         return grads[0], tuple(grads[1:])
     with torch.enable_grad():
 
@@ -567,7 +581,7 @@ def _coupled_vjp(plan, i, branch, c, b, tensors, slots, x, cotangent, partner, m
             params, kwargs = _bind_with(b, tensors, dict(zip(slots, diff)))
             return _parts(c.prepared(replay(plan, i, branch, params, inp, kwargs)))
 
-        outs, pull = torch.func.vjp(run, tuple(tensors[j] for j in slots), x)
+        outs, pullback = torch.func.vjp(run, tuple(tensors[j] for j in slots), x)
         h = _as_output(outs)
         rebuilt = None if half is None else c.inverse(half, h)
         half = None
@@ -576,11 +590,14 @@ def _coupled_vjp(plan, i, branch, c, b, tensors, slots, x, cotangent, partner, m
         )
         d_h = tuple(g.to(o.dtype) for g, o in zip(d_h, outs))
         del outs, h
-        g_slots, gx = pull(d_h)
+        g_slots, gx = pullback(d_h)
         return rebuilt, dict(zip(slots, g_slots)), gx, d_half
     create_graph = mode == "graph"
+    # A reentrant checkpoint inside refuses an engine call with ``inputs=``: recompute on
+    # fresh leaf aliases of every input and read the gradients off them.
+    into_aliases = not create_graph and _is_reentrant(fn)
     with torch.enable_grad():
-        replaced, xin = _differentiated(tensors, slots, x, create_graph)
+        replaced, xin = _differentiated(tensors, slots, x, create_graph, into_aliases)
         params, kwargs = _bind_with(b, tensors, replaced)
         outs = tuple(
             o.view_as(o) if o.grad_fn is None and o.requires_grad else o
@@ -600,15 +617,48 @@ def _coupled_vjp(plan, i, branch, c, b, tensors, slots, x, cotangent, partner, m
     del h
     live = [(o, g.to(o.dtype)) for o, g in zip(outs, d_h) if o.grad_fn is not None]
     del outs
-    if not live:  # nothing to differentiate (a branch that ignores its inputs)
-        grads = (None,) * len(inputs)
-    else:
-        grads = torch.autograd.grad(
-            [o for o, _ in live], inputs, [g for _, g in live], create_graph=create_graph, allow_unused=True
-        )
-    del live
+    grads = pull(fn, live, inputs, create_graph, into_aliases)
+    if grads is None:  # a reentrant checkpoint inside: again on aliases, at the half rebuilt here
+        at = exact if exact is not None else rebuilt
+        again = _coupled_vjp(plan, i, branch, c, b, tensors, slots, x, cotangent, None, mode, captures, at, dlogdet)
+        return (rebuilt, *again[1:])
     gx = torch.zeros_like(x) if grads[0] is None else grads[0]
     return rebuilt, {j: g for j, g in zip(slots, grads[1:]) if g is not None}, gx, d_half
+
+
+def pull(fn, live: list, inputs: Sequence[torch.Tensor], create_graph: bool, into_aliases: bool):
+    """The gradients of ``live``, ``[(output, cotangent)]`` (emptied here), into ``inputs``
+    (``None`` where unused): recorded with ``create_graph``; read off fresh leaf aliases
+    with ``into_aliases`` (:func:`_grads_into_aliases`); else :func:`engine_grad`.
+
+    Returns ``None`` where a reentrant ``torch.utils.checkpoint`` inside ``fn`` refused
+    the engine call: ``fn`` is then marked, and the caller recomputes on aliases."""
+    if not live:  # nothing to differentiate (a branch that ignores its inputs)
+        return (None,) * len(inputs)
+    if create_graph:
+        outs, cotangents = [o for o, _ in live], [g for _, g in live]
+        live.clear()
+        return torch.autograd.grad(outs, inputs, cotangents, create_graph=True, allow_unused=True)
+    if into_aliases:
+        return _grads_into_aliases(live, inputs)
+    try:
+        return engine_grad(live, inputs)
+    except RuntimeError as error:
+        if _REENTRANT_ERROR not in str(error):
+            raise
+        _mark_reentrant(fn)
+        return None
+
+
+def engine_grad(live: list, inputs: Sequence[torch.Tensor]) -> Sequence[Any]:
+    """``torch.autograd.grad`` of ``live``, ``[(output, cotangent)]`` (emptied here), into
+    ``inputs``, unused ones ``None``, without recording and without its per-call argument
+    normalization (shapes and dtypes match by construction). The outputs are held by their
+    gradient edges only, so they are freed before the engine runs."""
+    roots = tuple(torch.autograd.graph.get_gradient_edge(o) for o, _ in live)
+    cotangents = tuple(g for _, g in live)
+    live.clear()
+    return _engine_run_backward(roots, cotangents, False, False, tuple(inputs), True, False)
 
 
 def check_captures(plan, i, branch, fn, out, inputs) -> None:

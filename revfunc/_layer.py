@@ -19,7 +19,7 @@ inverse, drift checks) runs a layer the same way:
 
 from __future__ import annotations
 
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, Tuple
 
 import torch
 
@@ -29,9 +29,11 @@ from revfunc._branch import (
     _bind_with,
     _diff_slots,
     _differentiated,
+    _is_reentrant,
     _watched,
     check_captures,
     in_forward_autocast,
+    pull,
     rng_states,
     same_states,
 )
@@ -41,7 +43,7 @@ from revfunc.random import call_branch
 
 def _run(plan: Plan, i: int, fn, params, a: torch.Tensor, b: torch.Tensor, kwargs):
     """``fn(params, a, b, **kwargs)`` with block ``i``'s child seed (as a branch runs)."""
-    return call_branch(lambda p, x, **k: fn(p, x, b, **k), params, a, kwargs, plan.seed(i, 0))
+    return call_branch(fn, params, a, kwargs, plan.seed(i, 0), (b,))
 
 
 def _call(plan: Plan, i: int, which: str, a: torch.Tensor, b: torch.Tensor, tensors, watch: Watch):
@@ -156,14 +158,16 @@ def _vjp(plan: Plan, i: int, tensors, needs, x1, x2, dy1, dy2, dlogdet, mode: st
             return _replay(plan, i, params, a, c, kwargs)
 
         traced = torch.func.vjp(run, tuple(tensors[j] for j in slots), x1, x2)
-        outs, pull = traced[0], traced[1]
+        outs, pullback = traced[0], traced[1]
         cotangents = tuple(g.to(o.dtype) for g, o in zip(cotangents, outs))
         del outs
-        pulled = pull(cotangents)  # (slot gradients, dx1, dx2)
+        pulled = pullback(cotangents)  # (slot gradients, dx1, dx2)
         return pulled[1], pulled[2], dict(zip(slots, pulled[0]))
     create_graph = mode == "graph"
+    fn = plan.blocks[i].forward
+    into_aliases = not create_graph and _is_reentrant(fn)  # a reentrant checkpoint inside (see _branch.pull)
     with torch.enable_grad():
-        replaced, x1in = _differentiated(tensors, slots, x1, create_graph)
+        replaced, x1in = _differentiated(tensors, slots, x1, create_graph, into_aliases)
         x2in = x2.view_as(x2) if create_graph and x2.requires_grad else x2.detach().requires_grad_()
         params, kwargs = _bind_with(b, tensors, replaced)
         outs = tuple(
@@ -178,13 +182,9 @@ def _vjp(plan: Plan, i: int, tensors, needs, x1, x2, dy1, dy2, dlogdet, mode: st
                 check_captures(plan, i, 0, plan.blocks[i], o, inputs)
     live = [(o, g.to(o.dtype)) for o, g in zip(outs, cotangents) if o.grad_fn is not None]
     del outs
-    if not live:  # nothing to differentiate (a layer that ignores its input: refused by the output check)
-        grads: Sequence[Any] = (None,) * len(inputs)
-    else:
-        grads = torch.autograd.grad(
-            [o for o, _ in live], inputs, [g for _, g in live], create_graph=create_graph, allow_unused=True
-        )
-    del live
+    grads = pull(fn, live, inputs, create_graph, into_aliases)
+    if grads is None:  # fn is now marked: again, on aliases
+        return _vjp(plan, i, tensors, needs, x1, x2, dy1, dy2, dlogdet, mode, captures)
     dx1 = torch.zeros_like(x1) if grads[0] is None else grads[0]
     dx2 = torch.zeros_like(x2) if grads[1] is None else grads[1]
     out: Dict[int, torch.Tensor] = {j: g for j, g in zip(slots, grads[2:]) if g is not None}

@@ -275,9 +275,9 @@ def affine(clamp: Optional[float] = 2.0, dim: int = -1) -> Coupling:
         return st[0]
 
     def vjp(x, st, dy, dterm):  # dy/dx = exp(s), dy/ds = x exp(s), dy/dt = 1; d logdet/ds = 1
-        scale = torch.exp(st[0])
-        ds = dy * x * scale
-        return dy * scale, (ds if dterm is None else ds + dterm, dy)
+        dx = dy * torch.exp(st[0])
+        ds = dx * x
+        return dx, (ds if dterm is None else ds + dterm, dy)
 
     name = f"affine(clamp={clamp!r}, dim={dim})"
     return Coupling(forward, inverse, logdet, name=name, output="pair", dim=dim, prepare=prepare, vjp=vjp)

@@ -206,20 +206,21 @@ def accepts_generator(fn: Callable) -> bool:
         return _declares_generator(fn)
 
 
-def call_branch(fn, params, x, kwargs, seed: Optional[int]):
-    """Call ``fn(params, x, **kwargs)`` with the randomness of child seed ``seed``.
+def call_branch(fn, params, x, kwargs, seed: Optional[int], args: tuple = ()):
+    """Call ``fn(params, x, *args, **kwargs)`` with the randomness of child seed ``seed``
+    (``args``: an invertible layer's second half).
 
     ``seed=None`` calls it as is (no randomness handling: deterministic blocks under
     ``torch.compile``). Otherwise see the module docstring.
     """
     if seed is None:
-        return fn(params, x, **kwargs)
+        return fn(params, x, *args, **kwargs)
     if accepts_generator(fn):
         generator = torch.Generator(device=x.device)
         generator.manual_seed(seed)
-        return fn(params, x, generator=generator, **kwargs)
+        return fn(params, x, *args, generator=generator, **kwargs)
     with _forked(seed, x.device):
-        return fn(params, x, **kwargs)
+        return fn(params, x, *args, **kwargs)
 
 
 def dropout(

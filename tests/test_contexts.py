@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 import revfunc
 import revfunc.nn as rnn
+from revfunc.couplings import scaled
 from revfunc.selective import save_attention
 from revfunc.testing.blocks import transformer_layers
 
@@ -104,16 +105,25 @@ PATHS = {
     "reversible_sequence_detached": functools.partial(_functional, live=False),
     "checkpoint_every": functools.partial(_functional, checkpoint_every=2),
     "context_fn": functools.partial(_functional, context_fn=save_attention),
+    "coupling_scaled": functools.partial(_functional, coupling=scaled(0.7)),
 }
 
+# The update each path's blocks make, for the reference (additive unless named here).
+UPDATES = {"coupling_scaled": lambda x, h: 0.7 * x + h}
 
-def _reference(branches, x, leaves):
-    """The same blocks in plain autograd: ``x1 <- x1 + f(x2); x2 <- x2 + g(x1)`` from ``(x, x)``;
-    ``branches``: ``(f, g)`` callables, ``leaves``: the tensors to differentiate besides ``x``."""
+
+def _add(x, h):
+    return x + h
+
+
+def _reference(branches, x, leaves, update=_add):
+    """The same blocks in plain autograd: ``x1 <- update(x1, f(x2)); x2 <- update(x2, g(x1))``
+    from ``(x, x)``; ``branches``: ``(f, g)`` callables, ``leaves``: the tensors to
+    differentiate besides ``x``."""
     x1 = x2 = x
     for f, g in branches:
-        x1 = x1 + f(x2)
-        x2 = x2 + g(x1)
+        x1 = update(x1, f(x2))
+        x2 = update(x2, g(x1))
     leaves = [x, *leaves]
     for t in leaves:
         t.grad = None
@@ -152,7 +162,7 @@ def test_gradients_inside_ambient_contexts_equal_plain_autograd(context, path):
     # The reference differentiates the same tensors: the live parameters, or the detached
     # copies the path was given, through the modules' own forward.
     branches = _with_params(layers, leaves) if path == "reversible_sequence_detached" else list(layers)
-    want = _reference(branches, x.detach().requires_grad_(), leaves)
+    want = _reference(branches, x.detach().requires_grad_(), leaves, UPDATES.get(path, _add))
     assert_all_close(got, want, rtol=RTOL, atol=ATOL)
 
 

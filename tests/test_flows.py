@@ -165,6 +165,23 @@ def test_gradients_inside_the_contexts_users_wrap_around_models(context):
     assert_all_close(list(got), list(want), rtol=RTOL, atol=ATOL)
 
 
+def _shear_reentrant(p, x1, x2):  # shear's math, its shear under a reentrant checkpoint
+    y1 = x1 * torch.exp(p["a"])
+    sheared = torch.utils.checkpoint.checkpoint(lambda u, b: torch.sin(u) * b, y1, p["b"], use_reentrant=True)
+    return y1, x2 + sheared, p["a"].sum()
+
+
+def test_a_layer_with_a_reentrant_checkpoint_inside():
+    # The engine call with inputs= is refused inside it: the vjp goes into aliases.
+    blocks, params, x1, x2 = flow()
+    inputs = [x1, x2, *leaves(params)]
+    want = torch.autograd.grad(nll(*hand_flow(blocks, params, x1, x2)), inputs)
+    i = blocks.index(shear)
+    blocks[i] = Invertible(_shear_reentrant, _shear_inverse, name="shear_reentrant")
+    nll(*revfunc.reversible_sequence(blocks, params, x1, x2, coupling=C, return_logdet=True)).backward()
+    assert_all_close([t.grad for t in inputs], list(want), rtol=RTOL, atol=ATOL)
+
+
 @pytest.mark.parametrize("checkpoint_every", [None, 2])
 def test_gradients_under_backward_and_autograd_grad(checkpoint_every):
     blocks, params, x1, x2 = flow()
