@@ -383,7 +383,7 @@ def _autograd_vjp(plan, i, branch, b, tensors, slots, x, cotangent, partner, cre
         inputs = (xin, *(replaced.get(j, tensors[j]) for j in slots))
         del params, kwargs, replaced
     if captures and not create_graph and out.grad_fn is not None:
-        check_captures(plan, i, branch, fn, out, inputs)
+        check_captures(plan, i, branch, fn, (out,), inputs)
     if cotangent.dtype != out.dtype:  # autocast: the branch ran in lower precision
         cotangent = cotangent.to(out.dtype)
     if out.grad_fn is None:  # nothing to differentiate (a branch that ignores its inputs)
@@ -474,7 +474,7 @@ def _vjp_into_aliases(plan, i, branch, b, tensors, slots, x, cotangent, partner,
         inputs = (xin, *(replaced[j] for j in slots))
         del params, kwargs, replaced
     if captures and out.grad_fn is not None:
-        check_captures(plan, i, branch, plan.blocks[i][branch], out, inputs)
+        check_captures(plan, i, branch, plan.blocks[i][branch], (out,), inputs)
     rebuilt = None if partner is None else partner.pop() - out.detach()
     live = [] if out.grad_fn is None else [(out, cotangent.to(out.dtype))]
     del out
@@ -606,9 +606,7 @@ def _coupled_vjp(plan, i, branch, c, b, tensors, slots, x, cotangent, partner, m
         inputs = (xin, *(replaced.get(j, tensors[j]) for j in slots))
         del params, kwargs, replaced
     if captures and not create_graph:
-        for o in outs:
-            if o.grad_fn is not None:
-                check_captures(plan, i, branch, fn, o, inputs)
+        check_captures(plan, i, branch, fn, outs, inputs)
     h = _as_output(outs if create_graph else tuple(o.detach() for o in outs))
     with contextlib.nullcontext() if create_graph else torch.no_grad():
         rebuilt = None if half is None else c.inverse(half, h)
@@ -661,10 +659,10 @@ def engine_grad(live: list, inputs: Sequence[torch.Tensor]) -> Sequence[Any]:
     return _engine_run_backward(roots, cotangents, False, False, tuple(inputs), True, False)
 
 
-def check_captures(plan, i, branch, fn, out, inputs) -> None:
-    """Refuse a recomputation whose graph reaches a leaf that requires grad but is not one
-    of the branch's inputs (a closure-captured ``nn.Parameter``): its gradient would be
-    silently lost.
+def check_captures(plan, i, branch, fn, outs, inputs) -> None:
+    """Refuse a recomputation whose graph (from its outputs ``outs``, one walk for all)
+    reaches a leaf that requires grad but is not one of the branch's inputs (a
+    closure-captured ``nn.Parameter``): its gradient would be silently lost.
 
     Checked on every call (a branch can reach a captured tensor for some inputs only, or
     a tensor can start requiring grad later). Tensors are compared by their gradient
@@ -675,7 +673,7 @@ def check_captures(plan, i, branch, fn, out, inputs) -> None:
     passed = {id(t) for t in inputs}  # the fast path: a leaf passed as itself
     edges = None  # the inputs' gradient edges, the rule, built on the first leaf not passed as itself
     seen = set()
-    stack = [out.grad_fn]
+    stack = [o.grad_fn for o in outs if o.grad_fn is not None]
     accumulate = _accumulate_grad_type()
     while stack:
         node = stack.pop()

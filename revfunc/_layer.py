@@ -19,6 +19,7 @@ inverse, drift checks) runs a layer the same way:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Dict, Tuple
 
 import torch
@@ -147,6 +148,8 @@ def _vjp(plan: Plan, i: int, tensors, needs, x1, x2, dy1, dy2, dlogdet, mode: st
     for the cotangents of its halves and (``plan.logdet``) of its log-det."""
     b = plan.binds[i][0]
     slots = _diff_slots(b, tensors, needs)
+    if plan.blocks[i].vjp is not None and not any(j in slots for _, j in b.diff_kwargs):
+        return _closed_form_vjp(plan, i, b, tensors, slots, x1, x2, dy1, dy2, dlogdet if plan.logdet else None)
     cotangents: Tuple[torch.Tensor, ...] = (dy1, dy2)
     if plan.logdet:
         batch = x1.shape[: x1.dim() - plan.event_dim]
@@ -177,9 +180,7 @@ def _vjp(plan: Plan, i: int, tensors, needs, x1, x2, dy1, dy2, dlogdet, mode: st
         inputs = (x1in, x2in, *(replaced.get(j, tensors[j]) for j in slots))
         del params, kwargs, replaced
     if captures and not create_graph:
-        for o in outs:
-            if o.grad_fn is not None:
-                check_captures(plan, i, 0, plan.blocks[i], o, inputs)
+        check_captures(plan, i, 0, plan.blocks[i], outs, inputs)
     live = [(o, g.to(o.dtype)) for o, g in zip(outs, cotangents) if o.grad_fn is not None]
     del outs
     grads = pull(fn, live, inputs, create_graph, into_aliases)
@@ -189,3 +190,34 @@ def _vjp(plan: Plan, i: int, tensors, needs, x1, x2, dy1, dy2, dlogdet, mode: st
     dx2 = torch.zeros_like(x2) if grads[1] is None else grads[1]
     out: Dict[int, torch.Tensor] = {j: g for j, g in zip(slots, grads[2:]) if g is not None}
     return dx1, dx2, out
+
+
+def _closed_form_vjp(plan: Plan, i: int, b, tensors, slots, x1, x2, dy1, dy2, dlogdet):
+    """:func:`_vjp` by the layer's own ``vjp`` (no recomputation of ``forward``)."""
+    layer = plan.blocks[i]
+    params, kwargs = bind(b, tensors)
+    dx1, dx2, dparams = layer.vjp(params, x1, x2, dy1, dy2, dlogdet, **kwargs)
+    if not (isinstance(dx1, torch.Tensor) and isinstance(dx2, torch.Tensor) and isinstance(dparams, Mapping)):
+        raise TypeError(
+            _checks.msg(
+                plan.where,
+                f"block {i} {LAYER} {layer!r}'s vjp",
+                "a triple (dx1, dx2, dict of parameter gradients)",
+                _checks.describe((dx1, dx2, dparams)),
+            )
+        )
+    if dx1.shape != x1.shape or dx2.shape != x2.shape:
+        raise ValueError(
+            _checks.msg(
+                plan.where,
+                f"block {i} {LAYER} {layer!r}'s vjp",
+                f"gradients shaped like the halves {tuple(x1.shape)}, {tuple(x2.shape)}",
+                f"shapes {tuple(dx1.shape)}, {tuple(dx2.shape)}",
+            )
+        )
+    grads: Dict[int, torch.Tensor] = {}
+    for name, j in b.params:
+        g = dparams.get(name)
+        if j in slots and g is not None:
+            grads[j] = g if j not in grads else grads[j] + g
+    return dx1, dx2, grads

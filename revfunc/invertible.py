@@ -56,17 +56,30 @@ class Invertible:
     Args:
         forward, inverse: as above.
         name: what messages call it (default: ``forward``'s name).
+        vjp: optional, ``vjp(params, x1, x2, dy1, dy2, dlogdet, **kwargs) -> (dx1, dx2,
+            dparams)``: the closed-form pullback of ``forward`` at ``(x1, x2)`` for the
+            cotangents of its halves and of its per-sample log-det (``dlogdet``, shaped
+            ``x1.shape[:-event_dim]``, or ``None``), with ``dparams`` a dict of the
+            parameters' gradients (a name left out gets none). The backward then skips
+            recomputing ``forward`` (``permute`` has one: its transpose is its inverse).
+            Where a keyword tensor needs a gradient, autograd on ``forward`` is used
+            instead. A wrong one is caught by ``revfunc.testing.assert_gradients_match``.
     """
 
-    __slots__ = ("forward", "inverse", "name")
+    __slots__ = ("forward", "inverse", "name", "vjp")
 
-    def __init__(self, forward: Callable, inverse: Callable, name: Optional[str] = None) -> None:
+    def __init__(
+        self, forward: Callable, inverse: Callable, name: Optional[str] = None, vjp: Optional[Callable] = None
+    ) -> None:
         where = "revfunc.Invertible"
         for arg, fn in (("forward", forward), ("inverse", inverse)):
             if not callable(fn):
                 raise TypeError(_checks.msg(where, arg, "a callable", _checks.describe(fn)))
+        if vjp is not None and not callable(vjp):
+            raise TypeError(_checks.msg(where, "vjp", "None or a callable", _checks.describe(vjp)))
         self.forward = forward
         self.inverse = inverse
+        self.vjp = vjp
         self.name = name if name is not None else getattr(forward, "__name__", type(forward).__name__)
 
     def __repr__(self) -> str:
@@ -164,7 +177,11 @@ def permute(perm: torch.Tensor, dim: int = -1) -> Invertible:
         x = _join(y1, y2, dim).index_select(dim, indices(y1.device)[1])
         return _split(x, dim)
 
-    return Invertible(forward, inverse, name=f"permute({len(perm)}, dim={dim})")
+    def vjp(params, x1, x2, dy1, dy2, dlogdet):  # a permutation's transpose is its inverse
+        dx1, dx2 = inverse(params, dy1, dy2)
+        return dx1, dx2, {}
+
+    return Invertible(forward, inverse, name=f"permute({len(perm)}, dim={dim})", vjp=vjp)
 
 
 def _positions(x1: torch.Tensor, dim: int, event_dim: int) -> int:

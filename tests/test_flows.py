@@ -165,6 +165,58 @@ def test_gradients_inside_the_contexts_users_wrap_around_models(context):
     assert_all_close(list(got), list(want), rtol=RTOL, atol=ATOL)
 
 
+def _shear_vjp(p, x1, x2, dy1, dy2, dlogdet):  # shear's pullback, written out
+    y1 = x1 * torch.exp(p["a"])
+    dy1 = dy1 + dy2 * torch.cos(y1) * p["b"]
+    da = (dy1 * y1).sum_to_size(p["a"].shape)
+    if dlogdet is not None:
+        da = da + dlogdet.sum()
+    return dy1 * torch.exp(p["a"]), dy2, {"a": da, "b": (dy2 * torch.sin(y1)).sum_to_size(p["b"].shape)}
+
+
+def test_a_layer_with_its_own_closed_form_vjp_and_a_wrong_one():
+    blocks, params, x1, x2 = flow()
+    inputs = [x1, x2, *leaves(params)]
+    want = torch.autograd.grad(nll(*hand_flow(blocks, params, x1, x2)), inputs)
+    i = blocks.index(shear)
+    blocks[i] = Invertible(_shear_forward, _shear_inverse, name="shear_vjp", vjp=_shear_vjp)
+    got = torch.autograd.grad(
+        nll(*revfunc.reversible_sequence(blocks, params, x1, x2, coupling=C, return_logdet=True)), inputs
+    )
+    assert_all_close(list(got), list(want), rtol=RTOL, atol=ATOL)
+    p, a, b = detached(params), x1.detach(), x2.detach()
+    per_sample = torch.func.vmap(
+        torch.func.grad(
+            lambda p, a, b: nll(
+                *revfunc.reversible_sequence(blocks, p, a[None], b[None], coupling=C, return_logdet=True)
+            )
+        ),
+        in_dims=(None, 0, 0),
+    )
+    leaves_of = torch.utils._pytree.tree_leaves
+    loop = [
+        torch.func.grad(lambda p, a, b: nll(*hand_flow(blocks[:i] + [shear] + blocks[i + 1 :], p, a, b)))(
+            p, a[k : k + 1], b[k : k + 1]
+        )
+        for k in range(B)
+    ]
+    assert_all_close(
+        leaves_of(per_sample(p, a, b)),
+        [torch.stack(ts) for ts in zip(*(leaves_of(g) for g in loop))],
+        rtol=RTOL,
+        atol=ATOL,
+    )
+    revfunc.testing.assert_gradients_match(blocks, params, x1, x2, coupling=C)
+
+    def wrong(p, x1, x2, dy1, dy2, dlogdet):
+        dx1, dx2, dp = _shear_vjp(p, x1, x2, dy1, dy2, dlogdet)
+        return dx1, dx2, {"a": dp["a"]}  # b's gradient left out
+
+    blocks[i] = Invertible(_shear_forward, _shear_inverse, name="shear_wrong", vjp=wrong)
+    with pytest.raises(AssertionError, match="gradient of params"):
+        revfunc.testing.assert_gradients_match(blocks, params, x1, x2, coupling=C)
+
+
 def _shear_reentrant(p, x1, x2):  # shear's math, its shear under a reentrant checkpoint
     y1 = x1 * torch.exp(p["a"])
     sheared = torch.utils.checkpoint.checkpoint(lambda u, b: torch.sin(u) * b, y1, p["b"], use_reentrant=True)
