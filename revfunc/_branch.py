@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 from torch.autograd.graph import _engine_run_backward  # private, but stable from 2.11 to 2.13 (tested)
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from revfunc import _checks
 from revfunc._plan import BRANCHES, Bind, Plan, bind, label
@@ -486,13 +487,28 @@ def _vjp_into_aliases(plan, i, branch, b, tensors, slots, x, cotangent, partner,
 # --- couplings: how a branch output updates its half of the stream -------------------
 
 
-def _parts(h) -> Tuple[torch.Tensor, ...]:
-    """A branch output as a tuple of tensors (one, or an ``affine`` ``(s_raw, t)`` pair)."""
-    return tuple(h) if isinstance(h, (tuple, list)) else (h,)
+def _parts(h) -> Tuple[Tuple[torch.Tensor, ...], Any]:
+    """A (prepared) branch output as ``(its tensors, its structure)``: a tensor, a pair,
+    or any pytree a coupling's ``prepare`` returns (``affine``: a dict ``{"s", "t"}``)."""
+    leaves, spec = tree_flatten(h)
+    return tuple(leaves), spec
 
 
-def _as_output(parts: Sequence[torch.Tensor]):
-    return parts[0] if len(parts) == 1 else tuple(parts)
+def _as_output(parts: Sequence[torch.Tensor], spec):
+    """:func:`_parts`' inverse: the tensors put back in their structure."""
+    return tree_unflatten(list(parts), spec)
+
+
+def _grads_like(dh, h, where: str, what: str) -> Tuple[torch.Tensor, ...]:
+    """A coupling ``vjp``'s ``dp`` as tensors in the order of the prepared output ``h``'s
+    (a dict's keys in ``h``'s order); refused, naming ``what``, if not shaped like ``h``."""
+    if isinstance(h, dict) and isinstance(dh, dict):
+        dh = {k: dh.get(k) for k in h}
+    leaves, got = tree_flatten(dh)
+    _, want = tree_flatten(h)
+    if got != want:
+        raise TypeError(_checks.msg(where, what, f"dp with the prepared output's structure {want}", f"{got}"))
+    return tuple(leaves)
 
 
 def event_sum(term, x: torch.Tensor, event_dim: int) -> torch.Tensor:
@@ -523,9 +539,10 @@ def rebuild(plan: Plan, i: int, branch: int, y: torch.Tensor, h) -> torch.Tensor
     return y - h if c is None else c.inverse(y, c.prepared(h))
 
 
-def _coupling_vjp(c, x, h, dy, dlogdet, event_dim: int, mode: str):
+def _coupling_vjp(c, x, h, dy, dlogdet, event_dim: int, mode: str, where: str = "", what: str = ""):
     """``(dx, dh parts)``: the vjp of ``y = c.forward(x, h)`` (and of its summed log-det,
-    when ``dlogdet`` is given) at ``(x, h)``, ``h`` already prepared (``c.prepared``).
+    when ``dlogdet`` is given) at ``(x, h)``, ``h`` already prepared (``c.prepared``), the
+    parts in :func:`_parts`' order. ``where``, ``what``: how an error names the update.
     Elementwise and cheap: a few stream tensors. ``mode`` as in :func:`vjp`: the autograd
     engine, recording with ``"graph"``, or ``torch.func.vjp`` under a functorch level or
     ``torch.compile``."""
@@ -535,17 +552,18 @@ def _coupling_vjp(c, x, h, dy, dlogdet, event_dim: int, mode: str):
         if with_logdet:
             dterm = dlogdet.to(x.dtype).reshape(dlogdet.shape + (1,) * event_dim).expand_as(x)
         dx, dh = c.vjp(x, h, dy.to(x.dtype), dterm)
-        dh = tuple(g if g.shape == t.shape else g.sum_to_size(t.shape) for g, t in zip(_parts(dh), _parts(h)))
-        return dx, dh
+        parts, _ = _parts(h)
+        grads = _grads_like(dh, h, where, what)
+        return dx, tuple(g if g.shape == t.shape else g.sum_to_size(t.shape) for g, t in zip(grads, parts))
+    parts, spec = _parts(h)
 
     def run(xx, *hh):
-        h_in = _as_output(hh)
+        h_in = _as_output(hh, spec)
         y = c.forward(xx, h_in)
         if not with_logdet:
             return (y,)
         return y, event_sum(c.logdet(xx, h_in), xx, event_dim)
 
-    parts = _parts(h)
     cotangents = (dy.to(x.dtype),) if not with_logdet else (dy.to(x.dtype), dlogdet.to(x.dtype))
     if mode == "func":
         pullback = torch.func.vjp(run, x, *parts)[1]
@@ -575,20 +593,21 @@ def _coupled_vjp(plan, i, branch, c, b, tensors, slots, x, cotangent, partner, m
     prepared output, including the log-det's cotangent), then the branch's."""
     fn = plan.blocks[i][branch]
     half = None if partner is None else partner.pop()
+    who = (plan.where, f"block {i} branch {BRANCHES[branch]}'s coupling {c!r}: its vjp")
     if mode == "func":
 
         def run(diff, inp):
             params, kwargs = _bind_with(b, tensors, dict(zip(slots, diff)))
-            return _parts(c.prepared(replay(plan, i, branch, params, inp, kwargs)))
+            return c.prepared(replay(plan, i, branch, params, inp, kwargs))
 
-        outs, pullback = torch.func.vjp(run, tuple(tensors[j] for j in slots), x)
-        h = _as_output(outs)
+        h, pullback = torch.func.vjp(run, tuple(tensors[j] for j in slots), x)
         rebuilt = None if half is None else c.inverse(half, h)
         half = None
         d_half, d_h = _coupling_vjp(
-            c, exact if exact is not None else rebuilt, h, cotangent, dlogdet, plan.event_dim, "func"
+            c, exact if exact is not None else rebuilt, h, cotangent, dlogdet, plan.event_dim, "func", *who
         )
-        d_h = tuple(g.to(o.dtype) for g, o in zip(d_h, outs))
+        outs, spec = _parts(h)
+        d_h = _as_output([g.to(o.dtype) for g, o in zip(d_h, outs)], spec)
         del outs, h
         g_slots, gx = pullback(d_h)
         return rebuilt, dict(zip(slots, g_slots)), gx, d_half
@@ -599,19 +618,18 @@ def _coupled_vjp(plan, i, branch, c, b, tensors, slots, x, cotangent, partner, m
     with torch.enable_grad():
         replaced, xin = _differentiated(tensors, slots, x, create_graph, into_aliases)
         params, kwargs = _bind_with(b, tensors, replaced)
-        outs = tuple(
-            o.view_as(o) if o.grad_fn is None and o.requires_grad else o
-            for o in _parts(c.prepared(replay(plan, i, branch, params, xin, kwargs)))
-        )
+        outs, spec = _parts(c.prepared(replay(plan, i, branch, params, xin, kwargs)))
+        outs = tuple(o.view_as(o) if o.grad_fn is None and o.requires_grad else o for o in outs)
         inputs = (xin, *(replaced.get(j, tensors[j]) for j in slots))
         del params, kwargs, replaced
     if captures and not create_graph:
         check_captures(plan, i, branch, fn, outs, inputs)
-    h = _as_output(outs if create_graph else tuple(o.detach() for o in outs))
+    h = _as_output(outs if create_graph else [o.detach() for o in outs], spec)
     with contextlib.nullcontext() if create_graph else torch.no_grad():
         rebuilt = None if half is None else c.inverse(half, h)
     half = None
-    d_half, d_h = _coupling_vjp(c, exact if exact is not None else rebuilt, h, cotangent, dlogdet, plan.event_dim, mode)
+    at = exact if exact is not None else rebuilt
+    d_half, d_h = _coupling_vjp(c, at, h, cotangent, dlogdet, plan.event_dim, mode, *who)
     del h
     live = [(o, g.to(o.dtype)) for o, g in zip(outs, d_h) if o.grad_fn is not None]
     del outs

@@ -234,8 +234,9 @@ def affine(clamp: Optional[float] = 2.0, dim: int = -1) -> Coupling:
     """``y = x * exp(s) + t`` with ``h = (s_raw, t)`` and ``s = clamp * 0.636 * atan(s_raw)``
     (RealNVP, Glow; FrEIA's ``GLOWCouplingBlock`` soft clamp, so a ported flow computes the
     same numbers); inverse ``(y - t) * exp(-s)``; log-det ``s``. Its ``prepare`` computes
-    ``(s, t)`` from ``h`` once per update (one ``atan``), and ``forward``, ``inverse`` and
-    ``logdet`` read that pair.
+    ``{"s": s, "t": t}`` from ``h`` once per update (one ``atan``), which ``forward``,
+    ``inverse`` and ``logdet`` read as is; given the branch output itself (a tensor or a
+    pair, never a dict), they prepare it first, so calling them directly is safe.
 
     Args:
         clamp: the soft clamp (``|s| < clamp``), or ``None`` for ``s = s_raw``.
@@ -246,9 +247,11 @@ def affine(clamp: Optional[float] = 2.0, dim: int = -1) -> Coupling:
         >>> import torch
         >>> c = affine(clamp=None)
         >>> x, h = torch.ones(2), (torch.zeros(2), torch.ones(2))
-        >>> st = c.prepared(h)
-        >>> c.forward(x, st).tolist(), c.logdet(x, st).tolist()
+        >>> c.forward(x, h).tolist(), c.logdet(x, h).tolist()
         ([2.0, 2.0], [0.0, 0.0])
+        >>> st = c.prepared(h)  # what the engine passes: {"s", "t"}, prepared once
+        >>> c.forward(x, st).tolist(), sorted(st)
+        ([2.0, 2.0], ['s', 't'])
     """
     where = "revfunc.couplings.affine"
     if clamp is not None:
@@ -259,25 +262,27 @@ def affine(clamp: Optional[float] = 2.0, dim: int = -1) -> Coupling:
         raise TypeError(_checks.msg(where, "dim", "an int", _checks.describe(dim)))
     factor = None if clamp is None else clamp * 0.636
 
-    def prepare(h):
+    def prepare(h):  # {"s", "t"}: a dict, which no branch output is
+        if isinstance(h, dict):
+            return h
         s_raw, t = h if isinstance(h, (tuple, list)) else h.chunk(2, dim=dim)
-        return (s_raw if factor is None else factor * torch.atan(s_raw)), t
+        return {"s": s_raw if factor is None else factor * torch.atan(s_raw), "t": t}
 
-    def forward(x, st):
-        s, t = st
-        return x * torch.exp(s) + t
+    def forward(x, h):
+        st = prepare(h)
+        return x * torch.exp(st["s"]) + st["t"]
 
-    def inverse(y, st):
-        s, t = st
-        return (y - t) * torch.exp(-s)
+    def inverse(y, h):
+        st = prepare(h)
+        return (y - st["t"]) * torch.exp(-st["s"])
 
-    def logdet(x, st):
-        return st[0]
+    def logdet(x, h):
+        return prepare(h)["s"]
 
     def vjp(x, st, dy, dterm):  # dy/dx = exp(s), dy/ds = x exp(s), dy/dt = 1; d logdet/ds = 1
-        dx = dy * torch.exp(st[0])
+        dx = dy * torch.exp(st["s"])
         ds = dx * x
-        return dx, (ds if dterm is None else ds + dterm, dy)
+        return dx, {"s": ds if dterm is None else ds + dterm, "t": dy}
 
     name = f"affine(clamp={clamp!r}, dim={dim})"
     return Coupling(forward, inverse, logdet, name=name, output="pair", dim=dim, prepare=prepare, vjp=vjp)

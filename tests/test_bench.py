@@ -231,4 +231,6 @@ def test_the_flow_benchmark_writes_its_table(tmp_path):
     assert [r["depth"] for r in result["rows"]] == [1, 2]
     assert set(result["methods"]) == ({"freia", "plain", "revfunc"} if flows.have_freia() else {"plain", "revfunc"})
     assert all(r["time"][m] > 0 for r in result["rows"] for m in result["methods"])
+    base = "freia" if flows.have_freia() else "plain"
+    assert all(r["time_ratio"][base] == 1.0 and r["time_ratio"]["revfunc"] > 0 for r in result["rows"])
     assert "| depth |" in (tmp_path / "flows.md").read_text()

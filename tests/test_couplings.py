@@ -275,15 +275,30 @@ def test_each_built_in_closed_form_vjp_equals_autograd_on_its_forward_and_logdet
     x, dy, dld = (torch.randn(B, D, generator=g, dtype=torch.float64) for _ in range(3))
     h = torch.randn(B, 2 * D if name.startswith("affine") else D, generator=g, dtype=torch.float64)
     p = c.prepared(h)
-    parts = p if isinstance(p, tuple) else (p,)
 
-    def forward_and_logdet(x, *parts):
-        q = parts if isinstance(p, tuple) else parts[0]
-        return c.forward(x, q), torch.broadcast_to(c.logdet(x, q), x.shape)
+    def forward_and_logdet(x, p):
+        return c.forward(x, p), torch.broadcast_to(c.logdet(x, p), x.shape)
 
-    want = torch.func.vjp(forward_and_logdet, x, *parts)[1]((dy, dld))
-    dx, dp = c.vjp(x, p, dy, dld)
-    assert_all_close([dx, *(dp if isinstance(dp, tuple) else (dp,))], list(want), rtol=1e-13, atol=1e-14)
+    want = torch.func.vjp(forward_and_logdet, x, p)[1]((dy, dld))
+    got = c.vjp(x, p, dy, dld)
+    leaves = torch.utils._pytree.tree_leaves
+    assert_all_close(leaves(got), leaves(want), rtol=1e-13, atol=1e-14)
+
+
+@pytest.mark.parametrize("name", ["affine", "affine_pair"])
+def test_affine_called_directly_on_a_branch_output_prepares_it_itself(name):
+    # The engine passes prepare(h); a direct call with h itself must give the same
+    # (clamped) numbers, never silently skip the clamp.
+    c = COUPLINGS[name]
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(B, D, generator=g, dtype=torch.float64)
+    h = torch.randn(B, 2 * D, generator=g, dtype=torch.float64) * 3
+    if name == "affine_pair":
+        h = (h[:, :D], h[:, D:])
+    y, term = hand_update(name, x, h)
+    for given in (h, c.prepared(h)):
+        assert_all_close([c.forward(x, given), c.logdet(x, given)], [y, term], rtol=RTOL, atol=ATOL)
+        assert_all_close([c.inverse(y, given)], [x], rtol=1e-12, atol=1e-12)
 
 
 def test_a_wrong_closed_form_vjp_is_caught_by_assert_gradients_match():

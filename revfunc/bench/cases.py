@@ -261,10 +261,10 @@ def _module(args, method: str, layers, saving: bool = False):
             logdet = 0.0
             for f, g in self.layers:
                 if flow:  # the same math written as one plain pass, log-det and all
-                    h = f(x2)
+                    h = c.prepared(f(x2))  # the soft clamp once per update, as revfunc's walk
                     s_f = c.logdet(x1, h).sum(-1)
                     x1 = c.forward(x1, h)
-                    h = g(x1)
+                    h = c.prepared(g(x1))
                     logdet = logdet + s_f + c.logdet(x2, h).sum(-1)
                     x2 = c.forward(x2, h)
                 elif method == "checkpoint" and saving:

@@ -7,7 +7,9 @@ with the memory-saving backward (``revfunc``); and in plain autograd
 (``.backward()`` of the mean NLL) per point. Activation: the step's peak above the level
 before it, with the gradients pre-allocated, each point in a fresh process
 (:func:`revfunc.bench.measure.activation_bytes`, the benchmark's recipe). Time: the
-median of ``--repeats`` steps, the methods interleaved in one process.
+median of ``--repeats`` rounds, each running every method once in one process; the time
+ratios are the median over rounds of the ratio within a round (robust to the machine's
+drift between rounds).
 
 Writes ``OUT/flows.json`` and ``OUT/flows.md``. Without FrEIA (``pip install FrEIA==0.2``,
 the ``bench`` extra) it says so in one line and measures revfunc and plain only.
@@ -112,7 +114,7 @@ def _memory(args, method: str, depth: int) -> int:
     return json.loads(out.stdout.strip().splitlines()[-1])["activation_bytes"]
 
 
-def _times(args, depth: int, methods) -> dict:
+def _times(args, depth: int, methods) -> tuple:
     import torch
 
     steps, prepare = build(depth, args.dims, args.hidden, args.batch, args.device)
@@ -130,7 +132,9 @@ def _times(args, depth: int, methods) -> dict:
             if args.device.startswith("cuda"):
                 torch.cuda.synchronize()
             seconds[m].append(time.perf_counter() - start)
-    return {m: statistics.median(v) for m, v in seconds.items()}
+    base = "freia" if "freia" in methods else "plain"
+    ratios = {m: statistics.median(s / b for s, b in zip(seconds[m], seconds[base])) for m in methods}
+    return {m: statistics.median(v) for m, v in seconds.items()}, ratios
 
 
 def render(result: dict) -> str:
@@ -150,8 +154,9 @@ def render(result: dict) -> str:
             (
                 f"At depth {last['depth']}: revfunc/FrEIA activation "
                 f"{last['activation']['revfunc'] / last['activation']['freia']:.3f}x, time "
-                f"{last['time']['revfunc'] / last['time']['freia']:.2f}x; plain/FrEIA time "
-                f"{last['time']['plain'] / last['time']['freia']:.2f}x."
+                f"{last['time_ratio']['revfunc']:.2f}x; plain/FrEIA time "
+                f"{last['time_ratio']['plain']:.2f}x (time ratios: the median over rounds of "
+                "the ratio within a round)."
             ),
         ]
     return "\n".join(lines) + "\n"
@@ -178,7 +183,8 @@ def main(argv=None) -> dict:
     rows = []
     for depth in (int(d) for d in args.depths.split(",")):
         activation = {m: _memory(args, m, depth) for m in methods}
-        row = {"depth": depth, "activation": activation, "time": _times(args, depth, methods)}
+        seconds, ratios = _times(args, depth, methods)
+        row = {"depth": depth, "activation": activation, "time": seconds, "time_ratio": ratios}
         rows.append(row)
         print(json.dumps(row), flush=True)
     result = {

@@ -331,7 +331,7 @@ def _check_blocks_by_finite_differences(
 
 def _branch_call(plan, i: int, branch: int):
     def run(xs, moved):
-        return _branch._parts(_branch.call(plan, i, branch, xs[0], moved))
+        return _branch._parts(_branch.call(plan, i, branch, xs[0], moved))[0]
 
     return run
 
