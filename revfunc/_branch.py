@@ -635,7 +635,6 @@ def _coupled_vjp(plan, i, branch, c, b, tensors, slots, x, cotangent, partner, m
     del outs
     grads = pull(fn, live, inputs, create_graph, into_aliases)
     if grads is None:  # a reentrant checkpoint inside: again on aliases, at the half rebuilt here
-        at = exact if exact is not None else rebuilt
         again = _coupled_vjp(plan, i, branch, c, b, tensors, slots, x, cotangent, None, mode, captures, at, dlogdet)
         return (rebuilt, *again[1:])
     gx = torch.zeros_like(x) if grads[0] is None else grads[0]

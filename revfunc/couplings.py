@@ -74,8 +74,8 @@ class Coupling:
             shape; ``None``: no log-det cotangent). ``dp`` has ``p``'s structure (a
             part broadcast against ``x`` may come back at ``x``'s shape: it is summed
             back). ``None``: autograd differentiates ``forward`` and ``logdet``. Pure;
-            recorded like any op under ``create_graph``. ``revfunc.testing`` and the
-            tests check each built-in's against autograd.
+            recorded like any op under ``create_graph``. A wrong one is caught by
+            ``revfunc.testing.assert_gradients_match``.
 
     Pure: every function it holds must be (no state, no in-place writes).
 

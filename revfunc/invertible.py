@@ -200,9 +200,9 @@ def _lu_factors(params: Dict[str, torch.Tensor], dtype: torch.dtype):
     return params["permutation"].to(dtype), L, U
 
 
-def _lu_weight(params: Dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    """``W = P L U`` (:func:`_lu_factors`)."""
-    P, L, U = _lu_factors(params, dtype)
+def _lu_weight(params: Dict[str, torch.Tensor]) -> torch.Tensor:
+    """``W = P L U`` (:func:`_lu_factors`), in the parameters' dtype."""
+    P, L, U = _lu_factors(params, params["lower"].dtype)
     return P @ L @ U
 
 
@@ -249,7 +249,7 @@ def lu_linear(dim: int = -1, event_dim: int = 1) -> Invertible:
 
     def forward(params, x1, x2):
         _lu_check(where, params, x1, dim)
-        w = _lu_weight(params, x1.dtype)
+        w = _lu_weight(params).to(x1.dtype)
         y = torch.movedim(torch.movedim(_join(x1, x2, dim), dim, -1) @ w.mT, -1, dim)
         y1, y2 = _split(y, dim)
         return y1, y2, params["log_scale"].sum().to(x1.dtype) * _positions(x1, dim, event_dim)
