@@ -551,7 +551,14 @@ def _coupling_vjp(c, x, h, dy, dlogdet, event_dim: int, mode: str, where: str = 
         dterm = None
         if with_logdet:
             dterm = dlogdet.to(x.dtype).reshape(dlogdet.shape + (1,) * event_dim).expand_as(x)
-        dx, dh = c.vjp(x, h, dy.to(x.dtype), dterm)
+        result = c.vjp(x, h, dy.to(x.dtype), dterm)
+        if not (isinstance(result, (tuple, list)) and len(result) == 2 and isinstance(result[0], torch.Tensor)):
+            raise TypeError(_checks.msg(where, what, "a pair (dx, dp)", _checks.describe(result)))
+        dx, dh = result
+        if dx.shape != x.shape:
+            raise ValueError(
+                _checks.msg(where, what, f"dx shaped like the half {tuple(x.shape)}", f"shape {tuple(dx.shape)}")
+            )
         parts, _ = _parts(h)
         grads = _grads_like(dh, h, where, what)
         return dx, tuple(g if g.shape == t.shape else g.sum_to_size(t.shape) for g, t in zip(grads, parts))

@@ -196,16 +196,23 @@ def _closed_form_vjp(plan: Plan, i: int, b, tensors, slots, x1, x2, dy1, dy2, dl
     """:func:`_vjp` by the layer's own ``vjp`` (no recomputation of ``forward``)."""
     layer = plan.blocks[i]
     params, kwargs = bind(b, tensors)
-    dx1, dx2, dparams = layer.vjp(params, x1, x2, dy1, dy2, dlogdet, **kwargs)
-    if not (isinstance(dx1, torch.Tensor) and isinstance(dx2, torch.Tensor) and isinstance(dparams, Mapping)):
+    result = layer.vjp(params, x1, x2, dy1, dy2, dlogdet, **kwargs)
+    if not (
+        isinstance(result, (tuple, list))
+        and len(result) == 3
+        and isinstance(result[0], torch.Tensor)
+        and isinstance(result[1], torch.Tensor)
+        and isinstance(result[2], Mapping)
+    ):
         raise TypeError(
             _checks.msg(
                 plan.where,
                 f"block {i} {LAYER} {layer!r}'s vjp",
                 "a triple (dx1, dx2, dict of parameter gradients)",
-                _checks.describe((dx1, dx2, dparams)),
+                _checks.describe(result),
             )
         )
+    dx1, dx2, dparams = result
     if dx1.shape != x1.shape or dx2.shape != x2.shape:
         raise ValueError(
             _checks.msg(
@@ -218,6 +225,16 @@ def _closed_form_vjp(plan: Plan, i: int, b, tensors, slots, x1, x2, dy1, dy2, dl
     grads: Dict[int, torch.Tensor] = {}
     for name, j in b.params:
         g = dparams.get(name)
-        if j in slots and g is not None:
-            grads[j] = g if j not in grads else grads[j] + g
+        if j not in slots or g is None:
+            continue
+        if not isinstance(g, torch.Tensor) or g.shape != tensors[j].shape:
+            raise ValueError(
+                _checks.msg(
+                    plan.where,
+                    f"block {i} {LAYER} {layer!r}'s vjp gradient of params[{name!r}]",
+                    f"a tensor shaped like the parameter {tuple(tensors[j].shape)}",
+                    _checks.describe(g),
+                )
+            )
+        grads[j] = g if j not in grads else grads[j] + g
     return dx1, dx2, grads

@@ -317,6 +317,16 @@ def test_a_wrong_closed_form_vjp_is_caught_by_assert_gradients_match():
         revfunc.testing.assert_gradients_match(blocks, p, x1.detach(), x2.detach(), coupling=wrong)
     right = dataclasses.replace(wrong, vjp=lambda x, h, dy, dterm: (0.7 * dy, dy))
     revfunc.testing.assert_gradients_match(blocks, p, x1.detach(), x2.detach(), coupling=right)
+    # Misshapen results are refused, naming the block, the branch and the coupling.
+    for vjp, match in (
+        (lambda x, h, dy, dterm: 0.7 * dy, "a pair"),
+        (lambda x, h, dy, dterm: ((0.7 * dy).reshape(-1), dy), "dx shaped like the half"),
+        (lambda x, h, dy, dterm: (0.7 * dy, (dy, dy)), "prepared output's structure"),
+    ):
+        out = revfunc.reversible_sequence(blocks, params, x1, x2, coupling=dataclasses.replace(wrong, vjp=vjp))
+        named = rf"block \d branch [fg]'s coupling wrong_vjp\(\): its vjp.*{match}"
+        with pytest.raises((TypeError, ValueError), match=named):
+            sum(t.sum() for t in out).backward()
 
 
 def test_the_compiled_reversible_vjp_step_takes_dlogdet():

@@ -36,6 +36,18 @@ def _shear_inverse(p, y1, y2):
 shear = Invertible(_shear_forward, _shear_inverse, name="shear")
 
 
+def _shear_vjp(p, x1, x2, dy1, dy2, dlogdet):  # shear's pullback, written out
+    y1 = x1 * torch.exp(p["a"])
+    dy1 = dy1 + dy2 * torch.cos(y1) * p["b"]
+    da = (dy1 * y1).sum_to_size(p["a"].shape)
+    if dlogdet is not None:
+        da = da + dlogdet.sum()
+    return dy1 * torch.exp(p["a"]), dy2, {"a": da, "b": (dy2 * torch.sin(y1)).sum_to_size(p["b"].shape)}
+
+
+SHEAR_VJP = Invertible(_shear_forward, _shear_inverse, name="shear_vjp", vjp=_shear_vjp)
+
+
 PERMS: dict = {}  # permute layer -> the permutation it was built from
 
 
@@ -129,9 +141,10 @@ def test_outputs_and_logdet_equal_the_hand_written_flow():
         assert_all_close(list(got), list(want), rtol=RTOL, atol=ATOL)
 
 
-def test_create_graph_gradients_and_their_gradients():
+@pytest.mark.parametrize("closed_form", [False, True], ids=["recomputed", "closed_form_vjp"])
+def test_create_graph_gradients_and_their_gradients(closed_form):
     # The recorded backward through couplings and layers: first-order gradients, then the
-    # gradient of their squared norm.
+    # gradient of their squared norm; the shear layer by recomputation or by its own vjp.
     blocks, params, x1, x2 = flow()
     wrt = [x1, x2, *leaves(params)]
 
@@ -140,6 +153,8 @@ def test_create_graph_gradients_and_their_gradients():
         return [*grads, *torch.autograd.grad(sum((g**2).sum() for g in grads), wrt)]
 
     want = first_and_second(hand_flow(blocks, params, x1, x2))
+    if closed_form:
+        blocks = [SHEAR_VJP if block is shear else block for block in blocks]
     got = first_and_second(revfunc.reversible_sequence(blocks, params, x1, x2, coupling=C, return_logdet=True))
     assert_all_close(got, want, rtol=1e-9, atol=1e-10)
 
@@ -165,21 +180,12 @@ def test_gradients_inside_the_contexts_users_wrap_around_models(context):
     assert_all_close(list(got), list(want), rtol=RTOL, atol=ATOL)
 
 
-def _shear_vjp(p, x1, x2, dy1, dy2, dlogdet):  # shear's pullback, written out
-    y1 = x1 * torch.exp(p["a"])
-    dy1 = dy1 + dy2 * torch.cos(y1) * p["b"]
-    da = (dy1 * y1).sum_to_size(p["a"].shape)
-    if dlogdet is not None:
-        da = da + dlogdet.sum()
-    return dy1 * torch.exp(p["a"]), dy2, {"a": da, "b": (dy2 * torch.sin(y1)).sum_to_size(p["b"].shape)}
-
-
 def test_a_layer_with_its_own_closed_form_vjp_and_a_wrong_one():
     blocks, params, x1, x2 = flow()
     inputs = [x1, x2, *leaves(params)]
     want = torch.autograd.grad(nll(*hand_flow(blocks, params, x1, x2)), inputs)
     i = blocks.index(shear)
-    blocks[i] = Invertible(_shear_forward, _shear_inverse, name="shear_vjp", vjp=_shear_vjp)
+    blocks[i] = SHEAR_VJP
     got = torch.autograd.grad(
         nll(*revfunc.reversible_sequence(blocks, params, x1, x2, coupling=C, return_logdet=True)), inputs
     )
@@ -215,6 +221,21 @@ def test_a_layer_with_its_own_closed_form_vjp_and_a_wrong_one():
     blocks[i] = Invertible(_shear_forward, _shear_inverse, name="shear_wrong", vjp=wrong)
     with pytest.raises(AssertionError, match="gradient of params"):
         revfunc.testing.assert_gradients_match(blocks, params, x1, x2, coupling=C)
+
+    # Misshapen results are refused, naming the block and the layer.
+    misshapen = {
+        "summed_param": (lambda dx1, dx2, dp: (dx1, dx2, {**dp, "b": dp["b"].sum()}), r"params\['b'\]"),
+        "flat_half": (lambda dx1, dx2, dp: (dx1.reshape(-1), dx2, dp), "shaped like the halves"),
+        "pair": (lambda dx1, dx2, dp: (dx1, dx2), "a triple"),
+    }
+    for name, (mangle, match) in misshapen.items():
+        blocks[i] = Invertible(
+            _shear_forward, _shear_inverse, name=name, vjp=lambda *a, mangle=mangle: mangle(*_shear_vjp(*a))
+        )
+        out = revfunc.reversible_sequence(blocks, params, x1, x2, coupling=C, return_logdet=True)
+        named = rf"block {i} invertible layer Invertible\({name}\)'s vjp.*{match}"
+        with pytest.raises((TypeError, ValueError), match=named):
+            torch.autograd.grad(nll(*out), inputs)
 
 
 def _shear_reentrant(p, x1, x2):  # shear's math, its shear under a reentrant checkpoint
