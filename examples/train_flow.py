@@ -119,7 +119,7 @@ def save_pngs(out: pathlib.Path, losses, samples: torch.Tensor) -> None:
     plt.close(fig)
     side = int(math.sqrt(len(samples)))
     # A one-pixel blank margin around each 8x8 tile, so that neighbouring digits do not merge.
-    tiles = torch.nn.functional.pad(samples[: side * side].reshape(-1, 8, 8), (1, 1, 1, 1))
+    tiles = nn.functional.pad(samples[: side * side].reshape(-1, 8, 8), (1, 1, 1, 1))
     grid = tiles.reshape(side, side, 10, 10).permute(0, 2, 1, 3).reshape(side * 10, side * 10)
     fig, ax = plt.subplots(figsize=(4, 4))
     ax.imshow(grid.numpy(), cmap="gray_r", vmin=0, vmax=1)

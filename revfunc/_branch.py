@@ -499,13 +499,13 @@ def _as_output(parts: Sequence[torch.Tensor], spec):
     return tree_unflatten(list(parts), spec)
 
 
-def _grads_like(dh, h, where: str, what: str) -> Tuple[torch.Tensor, ...]:
+def _grads_like(dh, h, want, where: str, what: str) -> Tuple[torch.Tensor, ...]:
     """A coupling ``vjp``'s ``dp`` as tensors in the order of the prepared output ``h``'s
-    (a dict's keys in ``h``'s order); refused, naming ``what``, if not shaped like ``h``."""
+    (a dict's keys in ``h``'s order); refused, naming ``what``, if its structure is not
+    ``h``'s, ``want`` (:func:`_parts`)."""
     if isinstance(h, dict) and isinstance(dh, dict):
         dh = {k: dh.get(k) for k in h}
     leaves, got = tree_flatten(dh)
-    _, want = tree_flatten(h)
     if got != want:
         raise TypeError(_checks.msg(where, what, f"dp with the prepared output's structure {want}", f"{got}"))
     return tuple(leaves)
@@ -547,22 +547,19 @@ def _coupling_vjp(c, x, h, dy, dlogdet, event_dim: int, mode: str, where: str = 
     engine, recording with ``"graph"``, or ``torch.func.vjp`` under a functorch level or
     ``torch.compile``."""
     with_logdet = dlogdet is not None and c.logdet is not None
+    parts, spec = _parts(h)
     if c.vjp is not None:  # the coupling's closed form: no recomputation of forward
         dterm = None
         if with_logdet:
             dterm = dlogdet.to(x.dtype).reshape(dlogdet.shape + (1,) * event_dim).expand_as(x)
         result = c.vjp(x, h, dy.to(x.dtype), dterm)
-        if not (isinstance(result, (tuple, list)) and len(result) == 2 and isinstance(result[0], torch.Tensor)):
-            raise TypeError(_checks.msg(where, what, "a pair (dx, dp)", _checks.describe(result)))
-        dx, dh = result
+        dx, dh = _checks.check_vjp_result(where, what, result, (torch.Tensor, object), "a pair (dx, dp)")
         if dx.shape != x.shape:
             raise ValueError(
                 _checks.msg(where, what, f"dx shaped like the half {tuple(x.shape)}", f"shape {tuple(dx.shape)}")
             )
-        parts, _ = _parts(h)
-        grads = _grads_like(dh, h, where, what)
+        grads = _grads_like(dh, h, spec, where, what)
         return dx, tuple(g if g.shape == t.shape else g.sum_to_size(t.shape) for g, t in zip(grads, parts))
-    parts, spec = _parts(h)
 
     def run(xx, *hh):
         h_in = _as_output(hh, spec)

@@ -262,6 +262,19 @@ def check_branch_output(where: str, out: Any, x: torch.Tensor, index: int, branc
     _check_output_dtype(where, out, x, index, branch)
 
 
+def check_vjp_result(where: str, what: str, result: Any, kinds: tuple, expected: str) -> tuple:
+    """A closed-form vjp's ``result`` (a coupling's ``(dx, dp)``, a layer's ``(dx1, dx2,
+    dparams)``) as a tuple, refused naming ``what`` unless it is a tuple or list of one
+    item per type of ``kinds``, each an instance of its type."""
+    if not (
+        isinstance(result, (tuple, list))
+        and len(result) == len(kinds)
+        and all(isinstance(r, k) for r, k in zip(result, kinds))
+    ):
+        raise TypeError(msg(where, what, expected, describe(result)))
+    return tuple(result)
+
+
 def check_layer_output(
     where: str, out: Any, a: torch.Tensor, b: torch.Tensor, index: int, layer: Any, which: str, event_dim: int
 ) -> tuple:

@@ -197,27 +197,14 @@ def _closed_form_vjp(plan: Plan, i: int, b, tensors, slots, x1, x2, dy1, dy2, dl
     layer = plan.blocks[i]
     params, kwargs = bind(b, tensors)
     result = layer.vjp(params, x1, x2, dy1, dy2, dlogdet, **kwargs)
-    if not (
-        isinstance(result, (tuple, list))
-        and len(result) == 3
-        and isinstance(result[0], torch.Tensor)
-        and isinstance(result[1], torch.Tensor)
-        and isinstance(result[2], Mapping)
-    ):
-        raise TypeError(
-            _checks.msg(
-                plan.where,
-                f"block {i} {LAYER} {layer!r}'s vjp",
-                "a triple (dx1, dx2, dict of parameter gradients)",
-                _checks.describe(result),
-            )
-        )
-    dx1, dx2, dparams = result
+    what = f"block {i} {LAYER} {layer!r}'s vjp"
+    kinds, expected = (torch.Tensor, torch.Tensor, Mapping), "a triple (dx1, dx2, dict of parameter gradients)"
+    dx1, dx2, dparams = _checks.check_vjp_result(plan.where, what, result, kinds, expected)
     if dx1.shape != x1.shape or dx2.shape != x2.shape:
         raise ValueError(
             _checks.msg(
                 plan.where,
-                f"block {i} {LAYER} {layer!r}'s vjp",
+                what,
                 f"gradients shaped like the halves {tuple(x1.shape)}, {tuple(x2.shape)}",
                 f"shapes {tuple(dx1.shape)}, {tuple(dx2.shape)}",
             )
@@ -231,7 +218,7 @@ def _closed_form_vjp(plan: Plan, i: int, b, tensors, slots, x1, x2, dy1, dy2, dl
             raise ValueError(
                 _checks.msg(
                     plan.where,
-                    f"block {i} {LAYER} {layer!r}'s vjp gradient of params[{name!r}]",
+                    f"{what} gradient of params[{name!r}]",
                     f"a tensor shaped like the parameter {tuple(tensors[j].shape)}",
                     _checks.describe(g),
                 )
