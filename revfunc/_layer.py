@@ -19,6 +19,7 @@ inverse, drift checks) runs a layer the same way:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any, Dict, Tuple
 
@@ -63,14 +64,8 @@ def _call(plan: Plan, i: int, which: str, a: torch.Tensor, b: torch.Tensor, tens
         before = (a._version, b._version)
     if watch == Watch.RNG:
         rng_before = rng_states(a.device)
-    try:
+    with _naming_errors(plan, i, label, layer, a):
         out = _run(plan, i, getattr(layer, which), params, a, b, kwargs)
-    except TypeError as error:
-        raise _checks.branch_type_error(plan.where, i, label, layer, error) from error
-    except (RuntimeError, ValueError) as error:
-        if str(error).startswith("revfunc."):  # already names its call
-            raise
-        raise _checks.branch_runtime_error(plan.where, i, label, layer, a, error) from error
     if watch == Watch.INPUT and (a._version, b._version) != before:
         raise _checks.mutation_error(plan.where, i, label, layer, "its input")
     if watched is not None:
@@ -81,6 +76,20 @@ def _call(plan: Plan, i: int, which: str, a: torch.Tensor, b: torch.Tensor, tens
     if rng_before is not None and not same_states(rng_before, rng_states(a.device)):
         raise _checks.rng_error(plan.where, i, label)
     return _checks.check_layer_output(plan.where, out, a, b, i, layer, which, plan.event_dim)
+
+
+@contextlib.contextmanager
+def _naming_errors(plan: Plan, i: int, label: str, layer, a: torch.Tensor):
+    """A call of one of the layer's functions (``label``): its errors re-raised naming the
+    block and the container (as a branch call's are)."""
+    try:
+        yield
+    except TypeError as error:
+        raise _checks.branch_type_error(plan.where, i, label, layer, error) from error
+    except (RuntimeError, ValueError) as error:
+        if str(error).startswith("revfunc."):  # already names its call
+            raise
+        raise _checks.branch_runtime_error(plan.where, i, label, layer, a, error) from error
 
 
 def logdet_term(plan: Plan, logdet, x1: torch.Tensor) -> torch.Tensor:
@@ -196,7 +205,8 @@ def _closed_form_vjp(plan: Plan, i: int, b, tensors, slots, x1, x2, dy1, dy2, dl
     """:func:`_vjp` by the layer's own ``vjp`` (no recomputation of ``forward``)."""
     layer = plan.blocks[i]
     params, kwargs = bind(b, tensors)
-    result = layer.vjp(params, x1, x2, dy1, dy2, dlogdet, **kwargs)
+    with _naming_errors(plan, i, f"{LAYER}'s vjp", layer, x1):
+        result = layer.vjp(params, x1, x2, dy1, dy2, dlogdet, **kwargs)
     what = f"block {i} {LAYER} {layer!r}'s vjp"
     kinds, expected = (torch.Tensor, torch.Tensor, Mapping), "a triple (dx1, dx2, dict of parameter gradients)"
     dx1, dx2, dparams = _checks.check_vjp_result(plan.where, what, result, kinds, expected)

@@ -236,6 +236,11 @@ def test_a_layer_with_its_own_closed_form_vjp_and_a_wrong_one():
         named = rf"block {i} invertible layer Invertible\({name}\)'s vjp.*{match}"
         with pytest.raises((TypeError, ValueError), match=named):
             torch.autograd.grad(nll(*out), inputs)
+    # An error inside it is re-raised naming the block and the layer, as forward's are.
+    blocks[i] = Invertible(_shear_forward, _shear_inverse, name="three_args", vjp=lambda p, x1, x2: None)
+    out = revfunc.reversible_sequence(blocks, params, x1, x2, coupling=C, return_logdet=True)
+    with pytest.raises(TypeError, match=rf"block {i} invertible layer's vjp \(Invertible\(three_args\)\) raised"):
+        torch.autograd.grad(nll(*out), inputs)
 
 
 def _shear_reentrant(p, x1, x2):  # shear's math, its shear under a reentrant checkpoint
