@@ -526,17 +526,39 @@ def update(plan: Plan, i: int, branch: int, x: torch.Tensor, h):
     c = plan.coupling(i, branch)
     if c is None:
         return x + h, None
-    h = c.prepared(h)
-    y = c.forward(x, h)
-    if not plan.logdet or c.logdet is None:
+    return in_coupling(plan, i, branch, c, _coupled_update, c, x, h, plan.event_dim if plan.logdet else None)
+
+
+def _coupled_update(c, x: torch.Tensor, h, event_dim):
+    """:func:`update` through ``c``; the log-det term only with an ``event_dim``."""
+    p = c.prepared(h)
+    y = c.forward(x, p)
+    if event_dim is None or c.logdet is None:
         return y, None
-    return y, event_sum(c.logdet(x, h), x, plan.event_dim)
+    return y, event_sum(c.logdet(x, p), x, event_dim)
+
+
+def _coupled_rebuild(c, y: torch.Tensor, h) -> torch.Tensor:
+    """:func:`rebuild` through ``c``."""
+    return c.inverse(y, c.prepared(h))
 
 
 def rebuild(plan: Plan, i: int, branch: int, y: torch.Tensor, h) -> torch.Tensor:
     """The half before block ``i``'s ``branch`` update: ``y - h`` when additive."""
     c = plan.coupling(i, branch)
-    return y - h if c is None else c.inverse(y, c.prepared(h))
+    return y - h if c is None else in_coupling(plan, i, branch, c, _coupled_rebuild, c, y, h)
+
+
+def in_coupling(plan: Plan, i: int, branch: int, c, fn, *args):
+    """``fn(*args)``, a call of block ``i``'s ``branch`` coupling ``c``'s functions: its
+    errors re-raised naming the block, the branch, the coupling and the container (a
+    message of revfunc's own, which already names its call, as is)."""
+    try:
+        return fn(*args)
+    except (TypeError, ValueError, RuntimeError) as error:
+        if str(error).startswith("revfunc."):
+            raise
+        raise _checks.coupling_error(plan.where, i, BRANCHES[branch], c, error) from error
 
 
 def _coupling_vjp(c, x, h, dy, dlogdet, event_dim: int, mode: str, where: str = "", what: str = ""):
@@ -598,18 +620,21 @@ def _coupled_vjp(plan, i, branch, c, b, tensors, slots, x, cotangent, partner, m
     fn = plan.blocks[i][branch]
     half = None if partner is None else partner.pop()
     who = (plan.where, f"block {i} branch {BRANCHES[branch]}'s coupling {c!r}: its vjp")
+
+    def guard(fn, *args):  # the coupling's own functions: errors name it (see in_coupling)
+        return in_coupling(plan, i, branch, c, fn, *args)
+
     if mode == "func":
 
         def run(diff, inp):
             params, kwargs = _bind_with(b, tensors, dict(zip(slots, diff)))
-            return c.prepared(replay(plan, i, branch, params, inp, kwargs))
+            return guard(c.prepared, replay(plan, i, branch, params, inp, kwargs))
 
         h, pullback = torch.func.vjp(run, tuple(tensors[j] for j in slots), x)
-        rebuilt = None if half is None else c.inverse(half, h)
+        rebuilt = None if half is None else guard(c.inverse, half, h)
         half = None
-        d_half, d_h = _coupling_vjp(
-            c, exact if exact is not None else rebuilt, h, cotangent, dlogdet, plan.event_dim, "func", *who
-        )
+        at = exact if exact is not None else rebuilt
+        d_half, d_h = guard(_coupling_vjp, c, at, h, cotangent, dlogdet, plan.event_dim, "func", *who)
         outs, spec = _parts(h)
         d_h = _as_output([g.to(o.dtype) for g, o in zip(d_h, outs)], spec)
         del outs, h
@@ -622,7 +647,7 @@ def _coupled_vjp(plan, i, branch, c, b, tensors, slots, x, cotangent, partner, m
     with torch.enable_grad():
         replaced, xin = _differentiated(tensors, slots, x, create_graph, into_aliases)
         params, kwargs = _bind_with(b, tensors, replaced)
-        outs, spec = _parts(c.prepared(replay(plan, i, branch, params, xin, kwargs)))
+        outs, spec = _parts(guard(c.prepared, replay(plan, i, branch, params, xin, kwargs)))
         outs = tuple(o.view_as(o) if o.grad_fn is None and o.requires_grad else o for o in outs)
         inputs = (xin, *(replaced.get(j, tensors[j]) for j in slots))
         del params, kwargs, replaced
@@ -630,10 +655,10 @@ def _coupled_vjp(plan, i, branch, c, b, tensors, slots, x, cotangent, partner, m
         check_captures(plan, i, branch, fn, outs, inputs)
     h = _as_output(outs if create_graph else [o.detach() for o in outs], spec)
     with contextlib.nullcontext() if create_graph else torch.no_grad():
-        rebuilt = None if half is None else c.inverse(half, h)
+        rebuilt = None if half is None else guard(c.inverse, half, h)
     half = None
     at = exact if exact is not None else rebuilt
-    d_half, d_h = _coupling_vjp(c, at, h, cotangent, dlogdet, plan.event_dim, mode, *who)
+    d_half, d_h = guard(_coupling_vjp, c, at, h, cotangent, dlogdet, plan.event_dim, mode, *who)
     del h
     live = [(o, g.to(o.dtype)) for o, g in zip(outs, d_h) if o.grad_fn is not None]
     del outs

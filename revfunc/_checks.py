@@ -372,6 +372,14 @@ def branch_type_error(where: str, index: int, branch: str, fn: Any, error: TypeE
     return TypeError(f"{where}: {branch_name(index, branch)} ({fn!r}) raised: {error}")
 
 
+def coupling_error(where: str, index: int, branch: str, coupling: Any, error: Exception) -> Exception:
+    """An error raised by one of a coupling's functions (``prepare``, ``forward``,
+    ``inverse``, ``logdet``, ``vjp``), re-raised as its kind (``TypeError``, ``ValueError``
+    or ``RuntimeError``) naming the block, the branch and the coupling."""
+    kind = next(k for k in (TypeError, ValueError, RuntimeError) if isinstance(error, k))
+    return kind(f"{where}: {branch_name(index, branch)}'s coupling {coupling!r} raised: {error}")
+
+
 def branch_runtime_error(where: str, index: int, branch: str, fn: Any, x: torch.Tensor, error: Exception):
     """A ``RuntimeError`` raised inside a branch's forward, re-raised naming the call, the
     block, the branch and the input's shape (a branch built for another width, say)."""

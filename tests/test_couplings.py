@@ -329,6 +329,41 @@ def test_a_wrong_closed_form_vjp_is_caught_by_assert_gradients_match():
             sum(t.sum() for t in out).backward()
 
 
+def test_an_error_inside_a_coupling_names_the_block_the_branch_and_the_coupling():
+    # On the forward (forward, logdet), the inverse walk (inverse) and the backward (vjp),
+    # on the eager and the torch.func paths: one wrapper for every coupling call.
+    blocks, params, x1, x2 = make("scaled")
+    good = Coupling(lambda x, h: 0.7 * x + h, lambda y, h: (y - h) / 0.7, name="good()", output="tensor")
+
+    def fails(x, *rest):
+        raise TypeError("an unsupported operand")
+
+    def run(c, path):
+        if path == "inverse":
+            return revfunc.reversible_inverse(blocks, detached(params), x1.detach(), x2.detach(), coupling=c)
+        kw = {"coupling": c, "return_logdet": c.logdet is not None}
+        if path == "func_grad":
+            return torch.func.grad(
+                lambda p: sum(t.sum() for t in revfunc.reversible_sequence(blocks, p, x1.detach(), x2.detach(), **kw))
+            )(detached(params))
+        out = revfunc.reversible_sequence(blocks, params, x1, x2, **kw)
+        return torch.autograd.grad(sum(t.sum() for t in out), x1)
+
+    cases = (
+        (dataclasses.replace(good, forward=fails), "backward"),
+        (dataclasses.replace(good, logdet=fails), "backward"),
+        (dataclasses.replace(good, inverse=fails), "inverse"),
+        (dataclasses.replace(good, inverse=fails), "backward"),
+        (dataclasses.replace(good, vjp=fails), "backward"),
+        (dataclasses.replace(good, vjp=fails), "func_grad"),
+    )
+    for c, path in cases:
+        container = "reversible_inverse" if path == "inverse" else "reversible_sequence"
+        named = rf"revfunc\.{container}: block \d branch [fg]'s coupling good\(\) raised: an unsupported operand"
+        with pytest.raises(TypeError, match=named):
+            run(c, path)
+
+
 def test_the_compiled_reversible_vjp_step_takes_dlogdet():
     blocks, params, x1, x2 = make("affine", depth=2)
     p, a, b = detached(params), x1.detach(), x2.detach()
