@@ -168,7 +168,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--dims", type=int, default=64)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--batch", type=int, default=2048)
-    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--repeats", type=int, default=21)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="bench_out/flows")
     parser.add_argument("--worker", choices=METHODS, help=argparse.SUPPRESS)
